@@ -1,0 +1,30 @@
+"""tarl_jax: Turn-level Adjudicated RL for speech-and-text tool-use agents, in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="tarl_jax",
+    version="0.1.0",
+    description="Turn-level Adjudicated RL (TARL) for tool-use agents in JAX/Flax",
+    packages=find_packages(include=["tarl_jax", "tarl_jax.*"]),
+    package_data={"tarl_jax": ["assets/*", "assets/**/*"]},
+    python_requires=">=3.11,<3.12",
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "ml-collections==1.1.0",
+        "absl-py>=2.1",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.22",
+        "safetensors>=0.5",
+        "gguf==0.19.0",
+        "openai>=1.60",
+        "numpy>=2.0",
+    ],
+    extras_require={
+        # torch is the numerical reference only; pinned because an unpinned torch pulls a CUDA build.
+        "test": ["pytest>=8", "hypothesis>=6", "torch==2.13.0"],
+    },
+)

@@ -1,0 +1,333 @@
+"""Qwen2/2.5, Qwen3 and Llama decoders as one functional Flax (Linen) module.
+
+The three families differ only in switches read from the Hugging Face `config.json`:
+q/k/v bias (Qwen2), per-head RMSNorm on q and k before RoPE with an explicit head_dim (Qwen3),
+tied embeddings (where the config says so). Parameters are a plain pytree; every parameter and
+activation carries logical axis names, mapped onto a mesh by `tarl_jax.sharding`.
+
+KV cache: keys/values live at slot == absolute position, so one rule masks everything (a query at
+position p sees slots <= p). New tokens are scattered at their positions with mode="drop": pad
+tokens given a position >= cache length vanish instead of shifting valid entries, and appending
+a tool result or user turn to a live cache is the same code path as prefill.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+SUPPORTED = {"qwen2", "qwen3", "llama"}
+PAD_POSITION = 2**30  # position given to padding tokens: outside any cache, so their writes drop
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 1e6
+    rms_eps: float = 1e-6
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    dtype: str = "float32"          # compute dtype; parameters stay in param_dtype (fp32 master)
+    param_dtype: str = "float32"
+    scan_layers: bool = False       # one compiled layer body for deep models
+    remat: str = "none"             # none | full | dots | dots_no_batch (see REMAT_POLICIES)
+    model_type: str = "qwen3"
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides) -> "DecoderConfig":
+        model_type = hf.get("model_type", "")
+        if model_type not in SUPPORTED:
+            archs = hf.get("architectures")
+            raise ValueError(
+                f"unsupported architecture model_type={model_type!r} (architectures={archs}); "
+                f"supported: {sorted(SUPPORTED)}")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ValueError(f"unsupported rope scaling {rope!r}: only plain RoPE is implemented")
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        heads = hf["num_attention_heads"]
+        cfg = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rope_theta=float(theta),
+            rms_eps=hf.get("rms_norm_eps", 1e-6),
+            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            model_type=model_type,
+        )
+        if hf.get("mlp_bias"):
+            raise ValueError("mlp_bias=True is not supported")
+        cfg.update(overrides)
+        return cls(**cfg)
+
+    def to_hf(self) -> dict:
+        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+        out = dict(
+            architectures=[arch[self.model_type]], model_type=self.model_type,
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim, rms_norm_eps=self.rms_eps, hidden_act="silu",
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            tie_word_embeddings=self.tie_embeddings, torch_dtype=self.param_dtype,
+            max_position_embeddings=32768,
+        )
+        if self.model_type == "llama":
+            out["attention_bias"] = self.qkv_bias
+        return out
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _param(module, name, init, shape, axes, dtype):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(dtype))
+
+
+def _constrain(x, axes):
+    return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    axis: str
+    dtype: str
+    param_dtype: str
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # Matches HF: normalise in fp32, cast back, then scale.
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def rope(x, positions, theta):
+    """Rotate-half RoPE on [B, T, H, D] at integer positions [B, T], computed in fp32."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attention_mask(positions, segment_ids, kv_len, cached: bool):
+    """[B, 1, 1, T, S] boolean mask.
+
+    Cached: keys are cache slots, a query at position p sees slots <= p. Uncached (training):
+    causal by index within the same non-zero segment, so packed episodes never see each other.
+    """
+    if cached:
+        slots = jnp.arange(kv_len)
+        mask = slots[None, None, :] <= positions[:, :, None]
+    else:
+        t = positions.shape[1]
+        mask = jnp.tril(jnp.ones((t, t), bool))[None]
+        if segment_ids is not None:
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]
+            mask = mask & same & (segment_ids[:, :, None] != 0)
+    return mask[:, None, None]
+
+
+class Attention(nn.Module):
+    cfg: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache):
+        c = self.cfg
+        dt, pdt = c.dtype, c.param_dtype
+        init = nn.initializers.normal(0.02)
+
+        def proj(name, heads, axes_heads):
+            w = _param(self, name, init, (c.hidden_size, heads, c.head_dim),
+                       ("embed", axes_heads, "head_dim"), pdt)
+            y = jnp.einsum("btd,dhk->bthk", x, w.astype(dt))
+            if c.qkv_bias:
+                b = _param(self, name + "_bias", nn.initializers.zeros, (heads, c.head_dim),
+                           (axes_heads, "head_dim"), pdt)
+                y = y + b.astype(dt)
+            return y
+
+        q = proj("q", c.num_heads, "q_heads")
+        k = proj("k", c.num_kv_heads, "kv_heads")
+        v = proj("v", c.num_kv_heads, "kv_heads")
+        if c.qk_norm:
+            q = RMSNorm(c.rms_eps, "head_dim", dt, pdt, name="q_norm")(q)
+            k = RMSNorm(c.rms_eps, "head_dim", dt, pdt, name="k_norm")(k)
+        q = _constrain(rope(q, positions, c.rope_theta), ("batch", "length", "q_heads", "head_dim"))
+        k = _constrain(rope(k, positions, c.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
+
+        if cache is not None:
+            ck, cv = cache
+            rows = jnp.arange(x.shape[0])[:, None]
+            ck = ck.at[rows, positions].set(k.astype(ck.dtype), mode="drop")
+            cv = cv.at[rows, positions].set(v.astype(cv.dtype), mode="drop")
+            k, v, cache = ck.astype(dt), cv.astype(dt), (ck, cv)
+        mask = attention_mask(positions, segment_ids, k.shape[1], cache is not None)
+
+        b, t = q.shape[:2]
+        groups = c.num_heads // c.num_kv_heads
+        qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(c.head_dim))
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+        wo = _param(self, "o", init, (c.num_heads, c.head_dim, c.hidden_size),
+                    ("q_heads", "head_dim", "embed"), pdt)
+        return jnp.einsum("bthk,hkd->btd", out, wo.astype(dt)), cache
+
+
+class MLP(nn.Module):
+    cfg: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        init = nn.initializers.normal(0.02)
+        shape_in, shape_out = (c.hidden_size, c.intermediate_size), (c.intermediate_size, c.hidden_size)
+        gate = _param(self, "gate", init, shape_in, ("embed", "mlp"), c.param_dtype)
+        up = _param(self, "up", init, shape_in, ("embed", "mlp"), c.param_dtype)
+        down = _param(self, "down", init, shape_out, ("mlp", "embed"), c.param_dtype)
+        h = jax.nn.silu(x @ gate.astype(c.dtype)) * (x @ up.astype(c.dtype))
+        h = _constrain(h, ("batch", "length", "mlp"))
+        return h @ down.astype(c.dtype)
+
+
+class Block(nn.Module):
+    cfg: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache):
+        c = self.cfg
+        h, cache = Attention(c, name="attn")(
+            RMSNorm(c.rms_eps, "embed", c.dtype, c.param_dtype, name="input_norm")(x),
+            positions, segment_ids, cache)
+        x = x + h
+        x = x + MLP(c, name="mlp")(RMSNorm(c.rms_eps, "embed", c.dtype, c.param_dtype, name="post_norm")(x))
+        return _constrain(x, ("batch", "length", "embed")), cache
+
+
+class _ScanBlock(nn.Module):
+    """Block with the (carry, per-layer input) signature nn.scan wants."""
+    cfg: DecoderConfig
+
+    @nn.compact
+    def __call__(self, carry, cache):
+        x, positions, segment_ids = carry
+        block = Block
+        if self.cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat])
+        x, cache = block(self.cfg, name="block")(x, positions, segment_ids, cache)
+        return (x, positions, segment_ids), cache
+
+
+class Decoder(nn.Module):
+    cfg: DecoderConfig
+
+    def setup(self):
+        c = self.cfg
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (c.vocab_size, c.hidden_size), jnp.dtype(c.param_dtype))
+        if c.scan_layers:
+            self.layers = nn.scan(
+                _ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=0, out_axes=0, length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})(c, name="layers")
+        else:
+            block = Block if c.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[c.remat])
+            self.layers = [block(c, name=f"layers_{i}") for i in range(c.num_layers)]
+        self.final_norm = RMSNorm(c.rms_eps, "embed", c.dtype, c.param_dtype)
+        if not c.tie_embeddings:
+            self.lm_head = self.param(
+                "lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+                (c.hidden_size, c.vocab_size), jnp.dtype(c.param_dtype))
+
+    def embed(self, tokens):
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.dtype)
+
+    def __call__(self, tokens, positions, segment_ids=None, cache=None, embeds=None):
+        """tokens/positions/segment_ids: [B, T] int32; cache: {"k","v": [L, B, S, Hkv, D]} or None.
+
+        `embeds` [B, T, D] replaces the token embeddings (the Omni thinker scatters audio into
+        them). Returns (final-normed hidden states [B, T, D], updated cache or None).
+        """
+        x = self.embed(tokens) if embeds is None else embeds.astype(self.cfg.dtype)
+        x = _constrain(x, ("batch", "length", "embed"))
+        if self.cfg.scan_layers:
+            scanned = None if cache is None else (cache["k"], cache["v"])
+            (x, _, _), new = self.layers((x, positions, segment_ids), scanned)
+            cache = None if cache is None else {"k": new[0], "v": new[1]}
+        else:
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
+                x, layer_cache = layer(x, positions, segment_ids, layer_cache)
+                if cache is not None:
+                    cache = {"k": cache["k"].at[i].set(layer_cache[0]),
+                             "v": cache["v"].at[i].set(layer_cache[1])}
+        return self.final_norm(x), cache
+
+    def output_matrix(self):
+        """[D, V] projection to the vocabulary (chunked log-prob code slices it)."""
+        return self.embedding.T if self.cfg.tie_embeddings else self.lm_head
+
+    def logits(self, hidden):
+        return (hidden @ self.output_matrix().astype(self.cfg.dtype)).astype(jnp.float32)
+
+
+def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> dict:
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+
+
+def _dummy(cfg):
+    return jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)
+
+
+def boxed_params(cfg: DecoderConfig, rng=None) -> Any:
+    """Parameters with their logical-axis metadata (abstract shapes when rng is None)."""
+    init = lambda key: Decoder(cfg).init(key, *_dummy(cfg))["params"]
+    return jax.eval_shape(init, jax.random.key(0)) if rng is None else init(rng)
+
+
+def init_params(cfg: DecoderConfig, rng) -> Any:
+    return nn.unbox(boxed_params(cfg, rng))
+
+
+def logical_axes(cfg: DecoderConfig) -> Any:
+    """Pytree (like the params) of PartitionSpecs holding logical axis names."""
+    return nn.get_partition_spec(boxed_params(cfg))
+
+
+def num_params(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))

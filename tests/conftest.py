@@ -1,0 +1,35 @@
+"""Shared fixtures.
+
+Tests that need ../shared/ (tau-bench data, references) take the `shared_dir` or `taubench_dir`
+fixture: outside users without it get a skip that says why; under CI (`CI=true`) it is always
+present, so its absence is a failure: a skipped conformance test proves nothing.
+"""
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _shared_path() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("TARL_SHARED_DIR", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+    path = _shared_path()
+    if not path.is_dir():
+        msg = f"shared data directory {path} not found (set TARL_SHARED_DIR)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + "; CI must have it")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def taubench_dir(shared_dir) -> pathlib.Path:
+    path = shared_dir / "taubench"
+    if not path.is_dir():
+        pytest.fail(f"{path} missing inside the shared directory")
+    return path
