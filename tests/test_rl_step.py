@@ -1,0 +1,122 @@
+"""The jitted train step: log-probs, accumulation, PPO critic, 8-device sharding == 1 device."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tarl_jax import sharding
+from tarl_jax.models import qwen
+from tarl_jax.rl import losses
+from tarl_jax.rl import step as S
+
+CFG = qwen.DecoderConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=8, num_kv_heads=4, head_dim=8, qk_norm=True)
+
+
+def make_batch(rows=4, t=16, seed=0, duplicate=False):
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, CFG.vocab_size, (rows, t)).astype(np.int32)
+    adv = rng.normal(size=(rows, t)).astype(np.float32)
+    if duplicate:  # two identical halves: each microbatch holds the same tokens
+        toks[rows // 2:], adv[rows // 2:] = toks[:rows // 2], adv[:rows // 2]
+    seg = np.ones((rows, t), np.int32)
+    seg[0, t // 2:] = 2  # two episodes share row 0
+    seg[rows // 2, t // 2:] = 2
+    pos = np.where(seg == 2, np.arange(t) - t // 2, np.arange(t)).astype(np.int32)
+    nxt = np.concatenate([toks[:, 1:], np.zeros((rows, 1), np.int32)], 1)
+    last = np.concatenate([seg[:, 1:] != seg[:, :-1], np.ones((rows, 1), bool)], 1)
+    mask = ~last & (rng.random((rows, t)) < 0.7)
+    if duplicate:
+        mask[rows // 2:] = mask[:rows // 2]
+    return dict(tokens=toks, positions=pos, segment_ids=seg, targets=np.where(last, 0, nxt),
+                loss_mask=mask, advantages=np.where(mask, adv, 0), logprobs=np.zeros_like(adv),
+                ref_logprobs=np.zeros_like(adv), token_rewards=np.where(mask, adv, 0),
+                values=np.zeros_like(adv))
+
+
+def run(ppo, microbatches, steps=1, mesh=None, policy_loss="ppo", batch=None):
+    mesh = mesh or sharding.make_mesh()
+    opt = S.make_optimizer(1e-2, critic_lr=1e-2 if ppo else None)
+    sh = S.state_shardings(CFG, opt, ppo, mesh)
+    state = S.init_state(qwen.init_params(CFG, jax.random.key(0)), opt, CFG, ppo, sh)
+    keys = S.BATCH_KEYS + (S.PPO_KEYS if ppo else ())
+    sc = S.StepConfig(loss=losses.LossConfig(policy_loss=policy_loss), ppo=ppo,
+                      microbatches=microbatches, logprob_chunk=48)
+    fn = S.jit_train_step(CFG, sc, opt, mesh, sh, keys)
+    db = S.device_batch(batch or make_batch(), keys, mesh)
+    history = []
+    for i in range(steps):
+        state, m = fn(state, db, jax.random.key(i))
+        history.append({k: float(v) for k, v in m.items()})
+    return state, history
+
+
+def test_forward_logprobs_equal_full_log_softmax():
+    params = {"policy": qwen.init_params(CFG, jax.random.key(1))}
+    b = make_batch()
+    logp, ent, _ = S.forward(CFG, params, b, S.StepConfig(logprob_chunk=48, temperature=0.7))
+    model = qwen.Decoder(CFG)
+    h, _ = model.apply({"params": params["policy"]}, b["tokens"], b["positions"], b["segment_ids"])
+    full = jax.nn.log_softmax(model.apply({"params": params["policy"]}, h, method=qwen.Decoder.logits) / 0.7)
+    ref = np.take_along_axis(np.asarray(full), b["targets"][..., None], -1)[..., 0]
+    np.testing.assert_allclose(logp, ref, atol=1e-5)
+    np.testing.assert_allclose(ent, -(np.exp(full) * full).sum(-1), atol=1e-4)
+
+
+def test_microbatch_accumulation_equals_full_batch():
+    batch = make_batch(duplicate=True)
+    s1, h1 = run(False, 1, batch=batch)
+    s2, h2 = run(False, 2, batch=batch)
+    assert h1[0]["tokens"] == h2[0]["tokens"] > 0
+    np.testing.assert_allclose(h1[0]["loss"], h2[0]["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
+        np.testing.assert_allclose(a, b, atol=1e-5)  # Adam amplifies fp32 summation-order noise
+
+
+def test_step_counts_and_first_ratio_is_one():
+    state, hist = run(False, 1, steps=2)
+    assert int(state["step"]) == 2
+    # Rollout log-probs of 0 vs real log-probs: ratio exp(logp) < 1 and clipping is active.
+    assert hist[0]["ratio"] < 1.0
+
+
+def test_ppo_critic_learns():
+    _, hist = run(True, 1, steps=8, policy_loss="pg")
+    assert hist[-1]["vf_loss"] < 0.8 * hist[0]["vf_loss"], [h["vf_loss"] for h in hist]
+
+
+def test_bad_microbatch_count_is_reported():
+    with pytest.raises(ValueError, match="not divisible by microbatches=3"):
+        run(False, 3)
+
+
+SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    from tarl_jax import sharding
+    import tests.test_rl_step as T
+    assert len(jax.devices()) == 8
+    for ppo in (False, True):
+        ref, h_ref = T.run(ppo, 2, steps=2, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+        got, h_got = T.run(ppo, 2, steps=2, mesh=sharding.make_mesh({"fsdp": 2, "tensor": 4}))
+        assert got["params"]["policy"]["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+        d = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(ref["params"]), jax.tree.leaves(got["params"])))
+        dl = max(abs(a["loss"] - b["loss"]) for a, b in zip(h_ref, h_got))
+        print("PPO", ppo, "max param diff", d, "loss diff", dl)
+        assert d < 1e-5 and dl < 1e-5, (d, dl)
+""")
+
+
+def test_sharded_step_equals_single_device():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=repo)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.count("max param diff") == 2
