@@ -22,6 +22,12 @@ setup(
         "gguf==0.19.0",
         "openai>=1.60",
         "numpy>=2.0",
+        "tensorboardx>=2.6",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+        # Math task family: procedural problems (offline) and answer grading.
+        "reasoning-gym==0.1.25",
+        "math-verify==0.9.0",
     ],
     extras_require={
         # torch is the numerical reference only; pinned because an unpinned torch pulls a CUDA build.

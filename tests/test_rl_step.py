@@ -39,9 +39,9 @@ def make_batch(rows=4, t=16, seed=0, duplicate=False):
                 values=np.zeros_like(adv))
 
 
-def run(ppo, microbatches, steps=1, mesh=None, policy_loss="ppo", batch=None):
+def run(ppo, microbatches, steps=1, mesh=None, policy_loss="ppo", batch=None, lr=1e-2):
     mesh = mesh or sharding.make_mesh()
-    opt = S.make_optimizer(1e-2, critic_lr=1e-2 if ppo else None)
+    opt = S.make_optimizer(lr, critic_lr=lr if ppo else None)
     sh = S.state_shardings(CFG, opt, ppo, mesh)
     state = S.init_state(qwen.init_params(CFG, jax.random.key(0)), opt, CFG, ppo, sh)
     keys = S.BATCH_KEYS + (S.PPO_KEYS if ppo else ())
@@ -70,12 +70,13 @@ def test_forward_logprobs_equal_full_log_softmax():
 
 def test_microbatch_accumulation_equals_full_batch():
     batch = make_batch(duplicate=True)
-    s1, h1 = run(False, 1, batch=batch)
-    s2, h2 = run(False, 2, batch=batch)
+    # Adam's first step is ~lr * sign(g): a small lr keeps fp32 summation-order noise small.
+    s1, h1 = run(False, 1, batch=batch, lr=1e-3)
+    s2, h2 = run(False, 2, batch=batch, lr=1e-3)
     assert h1[0]["tokens"] == h2[0]["tokens"] > 0
     np.testing.assert_allclose(h1[0]["loss"], h2[0]["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
-        np.testing.assert_allclose(a, b, atol=1e-5)  # Adam amplifies fp32 summation-order noise
+        np.testing.assert_allclose(a, b, atol=2e-6)
 
 
 def test_step_counts_and_first_ratio_is_one():
@@ -101,8 +102,8 @@ SCRIPT = textwrap.dedent("""
     import tests.test_rl_step as T
     assert len(jax.devices()) == 8
     for ppo in (False, True):
-        ref, h_ref = T.run(ppo, 2, steps=2, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
-        got, h_got = T.run(ppo, 2, steps=2, mesh=sharding.make_mesh({"fsdp": 2, "tensor": 4}))
+        ref, h_ref = T.run(ppo, 2, steps=2, lr=1e-3, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+        got, h_got = T.run(ppo, 2, steps=2, lr=1e-3, mesh=sharding.make_mesh({"fsdp": 2, "tensor": 4}))
         assert got["params"]["policy"]["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
         d = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                 for a, b in zip(jax.tree.leaves(ref["params"]), jax.tree.leaves(got["params"])))

@@ -4,7 +4,7 @@ rules.judge: deterministic, from gold actions (offline default, LLM fallback).
 llm.LLMJudge / llm.judge_batch: any OpenAI-compatible endpoint (imports `openai`).
 reliability: agreement with the outcome, between judges, over repeats; also a CLI.
 """
-from tarl_jax.judge.base import WRITE_TOOLS, Judgement
+from tarl_jax.judge.base import Judgement
 from tarl_jax.judge.reward import trajectory_reward, turn_rewards
 
-__all__ = ["WRITE_TOOLS", "Judgement", "trajectory_reward", "turn_rewards"]
+__all__ = ["Judgement", "trajectory_reward", "turn_rewards"]

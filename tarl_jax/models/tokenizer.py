@@ -342,6 +342,11 @@ class ChatTokenizer:
                           continuation=True)
         return self._encode_segments(segs).ids
 
+    def encode_reply(self, message: dict) -> list[int]:
+        """The ids a policy would generate for this assistant message after the generation
+        prompt (body + <|im_end|>): the targets of teacher forcing on scripted dialogues."""
+        return self.encode(_assistant_body(message, 0, with_think=None) + IM_END)
+
     def parse(self, ids: list[int], call_id_prefix: str = "call") -> ParsedReply:
         """Generated ids -> assistant message + errors (see `parse_reply`)."""
         return parse_reply(self.decode(ids), call_id_prefix)

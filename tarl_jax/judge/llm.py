@@ -1,0 +1,321 @@
+"""LLM judge: per-turn scores from any OpenAI-compatible chat endpoint (`openai.AsyncOpenAI`).
+
+The judge sees the task instruction, the gold tool calls, the required outputs and the dialogue
+with numbered agent turns (the dialogue's system prompt, the domain policy, is left out), and
+answers `{"turns": [{"turn": i, "score": s, "reason": "..."}]}` for i = 1..T. An answer is
+valid only if it is that JSON object (a surrounding ``` fence is tolerated) with exactly one entry
+per turn, scores in {-1, 0, 1} and at most one -1. An invalid answer is shown back to the model
+with the validation error (`max_repairs` times); transport failures (timeouts, connection
+errors, 429/5xx) are retried with exponential backoff (`max_retries` times). If it still fails,
+`fallback` decides: "rule" scores the sample with the rule judge (source "rule",
+meta["fallback_from"] = "llm"), "drop" returns None in its place. Every retry, repair, fallback
+and drop is counted in the batch stats.
+
+Requests run concurrently (at most `max_concurrency` in flight). Each request/answer pair is
+cached on disk under `cache_dir`, keyed by a SHA-256 of the exact request (model, messages,
+temperature, max_tokens, seed, response_format) and the sample index, so re-judging replays
+answers and repairs exactly, and repeated judging for variance (`sample=k`, which also shifts
+the seed) does not collide.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import re
+import time
+from typing import Any, Sequence
+
+import openai
+
+from tarl_jax.judge import rules
+from tarl_jax.judge.base import (Judgement, agent_turn_positions, dialogue_messages, task_view,
+                                 text_of, tool_calls)
+
+DEFAULTS = dict(
+    base_url=None,            # None: the openai package's default (api.openai.com)
+    api_key=None,             # None: $OPENAI_API_KEY, else "EMPTY" (local servers)
+    model="gpt-4.1",
+    temperature=0.0,          # None leaves it out of the request (models that reject it)
+    max_tokens=4096,          # likewise
+    seed=0,                   # sent as seed + sample; None leaves it out
+    json_mode=True,           # send response_format={"type": "json_object"}
+    max_concurrency=16,
+    timeout=120.0,            # seconds per request
+    max_retries=3,            # transport retries per request
+    retry_backoff_s=1.0,      # first backoff; doubles each retry
+    max_repairs=1,            # re-asks after an invalid answer
+    fallback="rule",          # "rule" | "drop"
+    cache_dir=None,
+    price_in_per_1m=0.0,      # USD per 1M prompt tokens, for the cost estimate
+    price_out_per_1m=0.0,
+    max_tool_chars=None,      # cut tool results to this many characters in the prompt (None: whole)
+)
+
+RUBRIC = """You are a strict judge of a customer-service agent that uses tools.
+You get the user's task, the ground-truth tool calls that solve it, strings the agent must
+say, and the dialogue with every agent turn numbered. Score EVERY agent turn:
+ -1: the single most important mistake of the dialogue (a wrong or unrequested database write,
+     wrong arguments to a required write, an unneeded transfer to a human, a policy violation, a
+     false claim that derails the task). At most ONE turn may get -1, and none if the
+     dialogue has no real mistake.
+  0: a neutral turn, a minor issue the agent later corrected, or an error that cascades from an
+     earlier mistake.
+ +1: a good turn that moves the task toward the ground truth.
+Answer with only a JSON object, no prose:
+{"turns": [{"turn": 1, "score": 1, "reason": "..."}, ...]} with one entry per agent turn."""
+
+
+class InvalidVerdict(ValueError):
+    pass
+
+
+def config(cfg: Any = None) -> dict:
+    """DEFAULTS overridden by a dict or ConfigDict; unknown keys are an error."""
+    out = dict(DEFAULTS)
+    if cfg is not None:
+        unknown = set(cfg.keys()) - set(DEFAULTS)
+        if unknown:
+            raise KeyError(f"llm judge config: unknown keys {sorted(unknown)}")
+        out.update({k: cfg[k] for k in cfg.keys()})
+    if out["fallback"] not in ("rule", "drop"):
+        raise ValueError(f"llm judge config: fallback must be 'rule' or 'drop', got {out['fallback']!r}")
+    return out
+
+
+def render_prompt(task: Any, dialogue: Any, max_tool_chars: int | None = None) -> tuple[str, int]:
+    """(user prompt, number of agent turns)."""
+    messages, domain = dialogue_messages(dialogue)
+    tv = task_view(task, domain)
+    agent_pos = set(agent_turn_positions(messages))
+    gold = "\n".join(f"{i}. {a.name}({json.dumps(a.kwargs, sort_keys=True)})"
+                     for i, a in enumerate(tv.actions, 1)) or "(none)"
+    lines, turn = [], 0
+    for pos, m in enumerate(messages):
+        role = m.get("role")
+        if pos in agent_pos:
+            turn += 1
+            lines.append(f"[agent turn {turn}] {text_of(m)}".rstrip())
+            lines += [f"  tool_call: {c.name}({json.dumps(c.kwargs, sort_keys=True)})"
+                      for c in tool_calls(messages, pos)]
+        elif role == "tool":
+            content = text_of(m)
+            if max_tool_chars is not None and len(content) > max_tool_chars:
+                content = content[:max_tool_chars] + " ...[cut]"
+            lines.append(f"[tool {m.get('name', '')}] {content}")
+        elif role == "user":
+            lines.append(f"[user] {text_of(m)}")
+    prompt = (f"## Task given to the user\n{tv.instruction}\n\n"
+              f"## Ground-truth tool calls\n{gold}\n\n"
+              f"## Strings the agent must say\n{list(tv.outputs) or '(none)'}\n\n"
+              f"## Dialogue ({turn} agent turns)\n" + "\n".join(lines) +
+              f"\n\nScore all {turn} agent turns.")
+    return prompt, turn
+
+
+def parse_verdict(text: str, n_turns: int) -> tuple[list[int], list[str]]:
+    """Strictly validated (scores, reasons) of an answer; InvalidVerdict says what is wrong."""
+    body = text.strip()
+    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, re.S)
+    if fence:
+        body = fence.group(1)
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise InvalidVerdict(f"not valid JSON ({e})") from None
+    turns = obj.get("turns") if isinstance(obj, dict) else None
+    if not isinstance(turns, list):
+        raise InvalidVerdict('expected an object with a "turns" list')
+    if len(turns) != n_turns:
+        raise InvalidVerdict(f"expected {n_turns} turns, got {len(turns)}")
+    by_turn = {}
+    for e in turns:
+        if not isinstance(e, dict) or not isinstance(e.get("turn"), int) or isinstance(e.get("turn"), bool):
+            raise InvalidVerdict(f"each entry needs an integer 'turn': {e!r}")
+        s = e.get("score")
+        if isinstance(s, bool) or s not in (-1, 0, 1):
+            raise InvalidVerdict(f"turn {e['turn']}: score must be -1, 0 or 1, got {s!r}")
+        if not 1 <= e["turn"] <= n_turns or e["turn"] in by_turn:
+            raise InvalidVerdict(f"turns must be 1..{n_turns}, each once; bad or repeated {e['turn']}")
+        by_turn[e["turn"]] = (int(s), str(e.get("reason", "")))
+    scores = [by_turn[t][0] for t in range(1, n_turns + 1)]
+    if scores.count(-1) > 1:
+        raise InvalidVerdict(f"at most one turn may score -1, got {scores.count(-1)}")
+    return scores, [by_turn[t][1] for t in range(1, n_turns + 1)]
+
+
+@dataclasses.dataclass
+class JudgeStats:
+    items: int = 0
+    requests: int = 0             # live API calls (cache hits excluded)
+    cache_hits: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency_s_total: float = 0.0
+    latency_s_max: float = 0.0
+    cost_usd: float = 0.0
+    transport_retries: int = 0
+    invalid_answers: int = 0
+    repairs: int = 0
+    fallbacks: int = 0
+    dropped: int = 0
+    wall_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["latency_s_mean"] = self.latency_s_total / self.requests if self.requests else 0.0
+        return d
+
+
+class _TransportFailure(RuntimeError):
+    pass
+
+
+class _DiskCache:
+    def __init__(self, directory):
+        self.dir = pathlib.Path(directory) if directory else None
+        if self.dir:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str) -> dict | None:
+        if not self.dir or not (self.dir / f"{key}.json").exists():
+            return None
+        return json.loads((self.dir / f"{key}.json").read_text())
+
+    def put(self, key: str, value: dict) -> None:
+        if self.dir:
+            tmp = self.dir / f"{key}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(value))
+            os.replace(tmp, self.dir / f"{key}.json")   # atomic: readers never see half a file
+
+
+def request_key(request: dict, sample: int = 0) -> str:
+    blob = json.dumps({"request": request, "sample": sample}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class LLMJudge:
+    def __init__(self, cfg: Any = None):
+        self.cfg = config(cfg)
+        self.cache = _DiskCache(self.cfg["cache_dir"])
+
+    def judge_batch(self, items: Sequence[tuple], sample: int = 0):
+        """Sync wrapper of `ajudge_batch` (not callable from inside a running event loop)."""
+        return asyncio.run(self.ajudge_batch(items, sample))
+
+    async def ajudge_batch(self, items: Sequence[tuple], sample: int = 0):
+        """items: (task, dialogue) pairs -> ([Judgement | None per item], stats dict)."""
+        c = self.cfg
+        stats = JudgeStats(items=len(items))
+        api_key = c["api_key"] or os.environ.get("OPENAI_API_KEY", "EMPTY")
+        t0 = time.perf_counter()
+        # Retries are ours (counted, backoff from config), not the client's silent ones.
+        async with openai.AsyncOpenAI(base_url=c["base_url"], api_key=api_key, max_retries=0,
+                                      timeout=c["timeout"]) as client:
+            sem = asyncio.Semaphore(c["max_concurrency"])
+            out = await asyncio.gather(*(self._judge_one(client, sem, stats, task, dialogue, sample)
+                                         for task, dialogue in items))
+        stats.wall_s = time.perf_counter() - t0
+        if stats.fallbacks or stats.dropped:
+            logging.getLogger(__name__).warning(
+                "llm judge: %d of %d samples fell back to the rule judge, %d dropped (see stats)",
+                stats.fallbacks, stats.items, stats.dropped)
+        return list(out), stats.as_dict()
+
+    async def _judge_one(self, client, sem, stats, task, dialogue, sample):
+        c = self.cfg
+        prompt, n_turns = render_prompt(task, dialogue, c["max_tool_chars"])
+        if n_turns == 0:
+            return Judgement([], [], source="llm", meta={"model": c["model"], "attempts": 0,
+                                                         "sample": sample})
+        request = dict(model=c["model"], messages=[{"role": "system", "content": RUBRIC},
+                                                   {"role": "user", "content": prompt}])
+        optional = dict(temperature=c["temperature"], max_tokens=c["max_tokens"],
+                        seed=None if c["seed"] is None else c["seed"] + sample)
+        request.update({k: v for k, v in optional.items() if v is not None})
+        if c["json_mode"]:
+            request["response_format"] = {"type": "json_object"}
+        error = ""
+        for attempt in range(c["max_repairs"] + 1):
+            try:
+                answer = await self._complete(client, sem, stats, request, sample)
+            except _TransportFailure as e:
+                error = str(e)
+                break
+            try:
+                scores, reasons = parse_verdict(answer["content"], n_turns)
+            except InvalidVerdict as e:
+                stats.invalid_answers += 1
+                error = f"invalid answer: {e}"
+                if answer["finish_reason"] == "length":
+                    error += " (the answer was cut at max_tokens: keep reasons short)"
+                if attempt < c["max_repairs"]:
+                    stats.repairs += 1
+                    request = dict(request, messages=request["messages"] + [
+                        {"role": "assistant", "content": answer["content"]},
+                        {"role": "user", "content": f"Your answer is not valid: {error}. Reply again "
+                                                    f"with only the JSON object, one entry for each "
+                                                    f"of the {n_turns} agent turns."}])
+                continue
+            return Judgement(scores, reasons, source="llm",
+                             meta={"model": c["model"], "attempts": attempt + 1, "sample": sample})
+        if c["fallback"] == "drop":
+            stats.dropped += 1
+            return None
+        stats.fallbacks += 1
+        j = rules.judge(task, dialogue)
+        j.meta.update(fallback_from="llm", error=error)
+        return j
+
+    async def _complete(self, client, sem, stats, request, sample) -> dict:
+        """{"content", "finish_reason"} of a request, from the cache or the endpoint."""
+        key = request_key(request, sample)
+        cached = self.cache.get(key)
+        if cached is not None:
+            stats.cache_hits += 1
+            return cached
+        c, last = self.cfg, None
+        for attempt in range(c["max_retries"] + 1):
+            if attempt:
+                stats.transport_retries += 1
+                await asyncio.sleep(c["retry_backoff_s"] * 2 ** (attempt - 1))
+            async with sem:
+                t0 = time.perf_counter()
+                stats.requests += 1
+                try:
+                    resp = await client.chat.completions.create(**request)
+                except openai.APIStatusError as e:
+                    if e.status_code != 429 and e.status_code < 500:   # the request itself is wrong
+                        raise _TransportFailure(f"HTTP {e.status_code}: {e}") from e
+                    last = f"HTTP {e.status_code}"
+                    continue
+                except openai.APIError as e:     # timeout, connection, unreadable response
+                    last = f"{type(e).__name__}: {e}"
+                    continue
+                finally:
+                    dt = time.perf_counter() - t0
+                    stats.latency_s_total += dt
+                    stats.latency_s_max = max(stats.latency_s_max, dt)
+            usage = resp.usage
+            if usage is not None:
+                stats.tokens_in += usage.prompt_tokens or 0
+                stats.tokens_out += usage.completion_tokens or 0
+                stats.cost_usd += ((usage.prompt_tokens or 0) * c["price_in_per_1m"] +
+                                   (usage.completion_tokens or 0) * c["price_out_per_1m"]) / 1e6
+            if not resp.choices:
+                last = "answer without choices"
+                continue
+            choice = resp.choices[0]
+            answer = {"content": choice.message.content or "", "finish_reason": choice.finish_reason}
+            self.cache.put(key, answer)
+            return answer
+        raise _TransportFailure(f"no answer after {c['max_retries'] + 1} tries; last: {last}")
+
+
+def judge_batch(items: Sequence[tuple], cfg: Any = None, sample: int = 0):
+    """([Judgement | None per (task, dialogue) item], stats dict) with the LLM judge of `cfg`."""
+    return LLMJudge(cfg).judge_batch(items, sample)

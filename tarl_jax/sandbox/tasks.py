@@ -1,0 +1,71 @@
+"""Tasks in one shape for tau-bench v1 task lists and tau2-bench tasks.json files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+import textwrap
+
+
+@dataclasses.dataclass
+class Action:
+    name: str
+    kwargs: dict
+
+
+@dataclasses.dataclass
+class Task:
+    task_id: str
+    domain: str
+    user_id: str
+    instruction: str
+    actions: list[Action]                           # gold tool calls, in order
+    outputs: list[str]                              # strings the agent must say
+    extra: dict = dataclasses.field(default_factory=dict)  # tau2: the raw task
+
+
+def _tau2_instruction(scenario: dict) -> str:
+    """The text tau2's user simulator is given: its parts as titled, tab-indented blocks."""
+    parts = scenario.get("instructions") or {}
+    if isinstance(parts, str):
+        return parts
+    lines = [f"Domain: {parts.get('domain')}"]
+    for key, title in [("reason_for_call", "Reason for call"), ("known_info", "Known info"),
+                       ("unknown_info", "Unknown info"), ("task_instructions", "Task instructions")]:
+        if parts.get(key) is not None:
+            body = textwrap.indent(parts[key], "\t")
+            lines.append(f"{title}:\n{body}")
+    return "\n".join(lines)
+
+
+def _tau2_task(raw: dict, domain: str) -> Task:
+    criteria = raw.get("evaluation_criteria") or {}
+    scenario = raw.get("user_scenario") or {}
+    instruction = _tau2_instruction(scenario)
+    user = re.search(r"user id is:?\s*([A-Za-z0-9_]+)", instruction, re.I)
+    return Task(
+        task_id=str(raw["id"]), domain=domain, user_id=user.group(1) if user else "",
+        instruction=instruction,
+        actions=[Action(a["name"], a.get("arguments") or {})
+                 for a in criteria.get("actions") or []],
+        outputs=list(criteria.get("communicate_info") or []), extra=raw)
+
+
+def parse_tasks(raw: list[dict], domain: str) -> list[Task]:
+    tasks = []
+    for i, t in enumerate(raw):
+        if "user_scenario" in t:
+            tasks.append(_tau2_task(t, domain))
+        else:
+            tasks.append(Task(
+                task_id=str(t.get("task_id", i)), domain=domain, user_id=t["user_id"],
+                instruction=t["instruction"],
+                actions=[Action(a["name"], a["kwargs"]) for a in t["actions"]],
+                outputs=list(t.get("outputs", []))))
+    return tasks
+
+
+def load_tasks(path: str | pathlib.Path, domain: str) -> list[Task]:
+    """A v1 `tasks_*.json` (task ids are list positions) or a tau2 `tasks.json` (its ids)."""
+    return parse_tasks(json.loads(pathlib.Path(path).read_text()), domain)

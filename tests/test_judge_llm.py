@@ -1,0 +1,210 @@
+"""LLM judge through the real `openai` client against a scripted local HTTP server.
+
+The server reads the scenario from the task instruction ("SCENARIO=name") and the number of
+agent turns from the prompt, and answers like a flaky model would: valid, invalid (two -1s,
+wrong turn count, not JSON), truncated, slow, 5xx.
+"""
+import http.server
+import json
+import re
+import threading
+import time
+
+import pytest
+
+from tarl_jax.judge import llm, reliability
+from tarl_jax.sandbox.record import Episode
+
+USAGE = {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
+
+
+def verdict(n, neg=None):
+    return json.dumps({"turns": [{"turn": t, "score": -1 if t == neg else 1, "reason": f"r{t}"}
+                                 for t in range(1, n + 1)]})
+
+
+class Scripted(http.server.BaseHTTPRequestHandler):
+    calls: dict = {}          # scenario -> number of requests seen
+    requests: list = []       # every request body, in arrival order
+    lock = threading.Lock()
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][1]["content"]
+        scenario = re.search(r"SCENARIO=(\w+)", prompt).group(1)
+        n = int(re.search(r"## Dialogue \((\d+) agent turns\)", prompt).group(1))
+        repair = len(body["messages"]) > 2
+        with self.lock:
+            k = self.calls[scenario] = self.calls.get(scenario, 0) + 1
+            self.requests.append(body)
+        finish, status = "stop", 200
+        content = verdict(n, neg=2)
+        if scenario == "fenced":
+            content = f"```json\n{content}\n```"
+        elif scenario == "two_neg" and not repair:
+            content = json.dumps({"turns": [{"turn": t, "score": -1, "reason": ""} for t in range(1, n + 1)]})
+        elif scenario == "wrong_count":
+            content = verdict(n + 1)
+        elif scenario == "nonjson":
+            content = "The agent did fine overall."
+        elif scenario == "truncated" and not repair:
+            content, finish = content[:25], "length"
+        elif scenario == "slow" and k == 1:
+            time.sleep(1.5)
+        elif (scenario == "err5xx" and k <= 2) or scenario == "always500":
+            status = 503
+        elif scenario == "bad_request":
+            status = 400
+        payload = {"error": {"message": "overloaded"}} if status != 200 else {
+            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": finish,
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": USAGE}
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):   # the client gave up (timeout)
+            pass
+
+
+@pytest.fixture
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    # The client's first request in a process pays for lazy imports (~0.4 s); pay it here so
+    # that only the scripted "slow" answer can hit the short test timeout.
+    llm.judge_batch([item("valid")], dict(base_url=url, api_key="test", timeout=30))
+    Scripted.calls, Scripted.requests = {}, []
+    yield url
+    srv.shutdown()
+    srv.server_close()
+
+
+def item(scenario, n_turns=3):
+    task = {"instruction": f"SCENARIO={scenario}", "domain": "retail", "outputs": [], "user_id": "u",
+            "actions": [{"name": "get_order_details", "kwargs": {"order_id": "#W1"}}]}
+    msgs = [{"role": "system", "content": "policy"}, {"role": "user", "content": "hi"}]
+    msgs += [{"role": "assistant", "content": f"turn {t}"} for t in range(n_turns)]
+    return task, msgs
+
+
+def cfg(url, tmp_path, **kw):
+    return dict(base_url=url, api_key="test", model="judge-test", timeout=0.5, max_retries=2,
+                retry_backoff_s=0.01, max_repairs=1, max_concurrency=4, cache_dir=str(tmp_path / "cache"),
+                price_in_per_1m=2.0, price_out_per_1m=8.0, **kw)
+
+
+SCENARIOS = ["valid", "fenced", "two_neg", "wrong_count", "nonjson", "truncated", "slow", "err5xx",
+             "always500"]
+
+
+def test_batch_parses_repairs_falls_back_and_caches(server, tmp_path):
+    items = [item(s) for s in SCENARIOS]
+    out, stats = llm.judge_batch(items, cfg(server, tmp_path))
+    got = dict(zip(SCENARIOS, out, strict=True))
+    assert all(j is not None and len(j.scores) == 3 for j in out)      # no sample lost
+    for s in ("valid", "fenced", "two_neg", "truncated", "slow", "err5xx"):
+        assert got[s].source == "llm" and got[s].scores == [1, -1, 1], s
+        assert got[s].reasons == ["r1", "r2", "r3"]
+    assert got["two_neg"].meta["attempts"] == 2 and got["truncated"].meta["attempts"] == 2
+    for s, why in (("wrong_count", "expected 3 turns, got 4"), ("nonjson", "not valid JSON"),
+                   ("always500", "HTTP 503")):
+        assert got[s].source == "rule" and got[s].meta["fallback_from"] == "llm", s
+        assert why in got[s].meta["error"], got[s].meta
+    # The repair request shows the model its own answer and what was wrong with it.
+    repair = next(r for r in Scripted.requests
+                  if len(r["messages"]) > 2 and "SCENARIO=truncated" in r["messages"][1]["content"])
+    assert "cut at max_tokens" in repair["messages"][-1]["content"]
+    assert stats["invalid_answers"] == 2 + 2 + 1 + 1     # wrong_count, nonjson, two_neg, truncated
+    assert stats["repairs"] == 4 and stats["fallbacks"] == 3 and stats["dropped"] == 0
+    # slow: 1 timeout; err5xx: 2 x 503; always500: 3 x 503 (2 retries, then it gives up)
+    assert stats["transport_retries"] == 1 + 2 + 2
+    assert stats["requests"] == len(Scripted.requests)
+    answered = len(Scripted.requests) - 1 - 2 - 3
+    assert stats["tokens_in"] == 100 * answered and stats["tokens_out"] == 20 * answered
+    assert stats["cost_usd"] == pytest.approx(answered * (100 * 2.0 + 20 * 8.0) / 1e6)
+    assert stats["latency_s_max"] >= 0.5 and stats["cache_hits"] == 0
+
+    seen = len(Scripted.requests)
+    again, stats2 = llm.judge_batch(items, cfg(server, tmp_path))
+    assert [j.scores for j in again] == [j.scores for j in out]
+    assert stats2["cache_hits"] == answered
+    assert stats2["requests"] == 3 == len(Scripted.requests) - seen    # only always500 goes live
+
+
+def test_drop_fallback_and_samples(server, tmp_path):
+    items = [item("nonjson"), item("valid", n_turns=2), item("bad_request"), item("valid", 0)]
+    out, stats = llm.judge_batch(items, cfg(server, tmp_path, fallback="drop"))
+    assert out[0] is None and out[1].scores == [1, -1] and out[2] is None and out[3].scores == []
+    assert stats["dropped"] == 2 and stats["fallbacks"] == 0
+    # A 4xx is the request's fault: no retry. No agent turn: nothing to ask.
+    assert Scripted.calls["bad_request"] == 1 and stats["transport_retries"] == 0
+    assert stats["requests"] == 2 + 1 + 1
+    # Another sample of the same item is a new request (seed), not a cache hit.
+    out2, stats2 = llm.judge_batch(items[1:2], cfg(server, tmp_path), sample=1)
+    assert stats2["cache_hits"] == 0 and stats2["requests"] == 1 and out2[0].meta["sample"] == 1
+    assert Scripted.requests[-1]["seed"] == 1
+
+
+def test_parse_verdict_is_strict():
+    assert llm.parse_verdict(verdict(2), 2) == ([1, 1], ["r1", "r2"])
+    shuffled = json.dumps({"turns": [{"turn": 2, "score": 0}, {"turn": 1, "score": -1}]})
+    assert llm.parse_verdict(shuffled, 2) == ([-1, 0], ["", ""])
+    for bad, n, why in [('{"turns": [{"turn": 1, "score": 2}]}', 1, "score must be"),
+                        ('{"turns": [{"turn": 1, "score": true}]}', 1, "score must be"),
+                        ('{"turns": [{"turn": 1, "score": 1}, {"turn": 1, "score": 1}]}', 2, "each once"),
+                        ('{"turns": [{"turn": 3, "score": 1}, {"turn": 1, "score": 1}]}', 2, "1..2"),
+                        ('{"turns": [{"turn": 1, "score": -1}, {"turn": 2, "score": -1}]}', 2, "at most one"),
+                        ('{"turns": [{"turn": 1, "score": 1}]}', 2, "expected 2 turns, got 1"),
+                        ('[1, 1]', 1, '"turns" list'), ("", 1, "not valid JSON")]:
+        with pytest.raises(llm.InvalidVerdict, match=why):
+            llm.parse_verdict(bad, n)
+    with pytest.raises(KeyError, match="modle"):
+        llm.config({"modle": "x"})
+
+
+def test_prompt_numbers_agent_turns_and_shows_gold():
+    task, msgs = item("valid", n_turns=2)
+    msgs.insert(3, {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+                    "function": {"name": "get_order_details", "arguments": '{"order_id": "#W1"}'}}]})
+    msgs.insert(4, {"role": "tool", "tool_call_id": "c", "name": "get_order_details", "content": "x" * 50})
+    prompt, n = llm.render_prompt(task, msgs, max_tool_chars=10)
+    assert n == 3 and "## Dialogue (3 agent turns)" in prompt
+    assert '[agent turn 2]\n  tool_call: get_order_details({"order_id": "#W1"})' in prompt
+    assert "x" * 10 + " ...[cut]" in prompt and "x" * 11 not in prompt
+    assert '1. get_order_details({"order_id": "#W1"})' in prompt and "policy" not in prompt
+
+
+def test_reliability_cli_llm_vs_rule(server, tmp_path, capsys):
+    """Episode JSONL through the CLI with both judges: agreement is computed on real output."""
+    tasks = [item(s)[0] for s in ("valid", "nonjson")]
+    (tmp_path / "tasks.json").write_text(json.dumps(tasks))
+    lines = [Episode(task_id=str(i), domain="retail", messages=item("x")[1], reward=float(i == 0)).to_json()
+             for i in range(2)]
+    (tmp_path / "eps.jsonl").write_text("\n".join(lines))
+    report = reliability.main(["--episodes", str(tmp_path / "eps.jsonl"), "--tasks", str(tmp_path / "tasks.json"),
+                               "--judge", "rule", "--judge", "llm", "--repeats", "2",
+                               "--llm", f"base_url={server}", "--llm", "api_key=t", "--llm", "timeout=2",
+                               "--llm", "retry_backoff_s=0.01", "--llm", f"cache_dir={tmp_path / 'c'}"])
+    printed = capsys.readouterr().out
+    assert "== rule_vs_llm" in printed and "self-consistency" in printed
+    agree = report["agreement"]["rule_vs_llm"]
+    # rule: [0, 0, 0] twice (only a gold read, never made); llm: [1, -1, 1], then a fallback
+    # to the rule judge for the unparseable answer.
+    assert agree["turns"] == 6 and agree["trajectories"] == 2
+    assert agree["turn_exact_agreement"] == 0.5 and agree["neg_presence_agreement"] == 0.5
+    assert agree["turn_kappa"] == 0.0     # p_o 0.5 == p_e 1 * 0.5: no better than chance
+    llm_entry = report["judges"]["llm"]
+    assert llm_entry["rewards"]["fallbacks"] == 1 and len(llm_entry["stats"]) == 2
+    assert llm_entry["vs_outcome"]["table"] == {"neg_fail": 0, "neg_success": 1, "clean_fail": 1,
+                                                "clean_success": 0}
+    assert llm_entry["self_consistency"]["turn_score_var_mean"] == 0.0
