@@ -1,0 +1,28 @@
+"""Named model shapes: a tiny one that trains on 2 CPU cores, and real ones (random weights for
+benchmarks; real weights come from `models.hf`)."""
+from __future__ import annotations
+
+from tarl_jax.models.qwen import DecoderConfig
+
+PRESETS = {
+    # Qwen3-style (q/k norm) at laptop scale; vocab = the tiny tokenizer's 2048 ids.
+    "tiny": DecoderConfig(vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=4,
+                          num_heads=4, num_kv_heads=2, head_dim=32, rope_theta=1e4, qk_norm=True,
+                          tie_embeddings=True, model_type="qwen3"),
+    "smollm2-135m": DecoderConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                  num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                                  rope_theta=1e5, rms_eps=1e-5, tie_embeddings=True,
+                                  model_type="llama"),
+    "qwen3-1.7b": DecoderConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                                qk_norm=True, tie_embeddings=True, model_type="qwen3"),
+    "qwen3-8b": DecoderConfig(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                              num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+                              qk_norm=True, tie_embeddings=False, model_type="qwen3"),
+}
+
+
+def get(name: str) -> DecoderConfig:
+    if name not in PRESETS:
+        raise KeyError(f"model preset {name!r} unknown; choose from {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,263 @@
+"""Batched sampling over a static KV cache: prefill, `lax.while_loop` decode, multi-turn append.
+
+State. `DecodeState(cache, length, hidden)` is a pytree the caller keeps between calls. The cache
+holds keys/values at slot == absolute position (see `models/qwen.py`), so `length[b]` is both the
+number of tokens row b holds and the position of its next token, and `hidden[b]` is the final
+hidden state of row b's last token: its logits give the next token. Every token of a row is in the
+cache, the last sampled one included: the decode loop writes each token in the step that samples
+it (one extra 1-token forward per decode call compared with feeding the previous token). So the
+next `append` (a tool result, a user turn) is exact and never re-encodes history. Prefill is
+`append` on an empty cache: one code path. Both jitted functions donate the state: a state passed
+in is consumed; keep the one returned.
+
+Shapes (one compile per distinct tuple, shared by every Sampler of the same config). Batch size
+and cache length are fixed by the state. Appended token blocks are right-padded (pads get
+`qwen.PAD_POSITION`, so their cache writes drop) to the next power of two >= `min_bucket`, at
+most `prefill_chunk`; longer inputs are fed in chunks of `prefill_chunk` tokens, which also bounds
+the [B, H, T, S] attention scores. The decode output buffers are padded to the next power of two
+>= max(max_new_tokens, min_bucket); the loop stops as soon as every row is done. Only the last
+position's hidden state is kept, so prefill never builds [B, T, V] logits.
+
+Sampling, per row: temperature (0 = greedy argmax), top-k (0 = off), top-p (1 = off), stop token
+set (the stop token is emitted and kept in the cache), max new tokens. Truncation is compiled in
+only when some row uses it (it sorts the vocabulary each step).
+
+Log-probs of the sampled tokens, flag `logprobs`:
+  "tempered" (default): log_softmax(logits / T), T = 1 for greedy rows: the distribution the
+      token was drawn from before top-k/top-p truncation. Trainers that divide the logits by the
+      sampling temperature (verl, tunix) recompute exactly this, so the PPO ratio starts at 1.
+  "raw": log_softmax(logits), the model's own distribution at temperature 1.
+Truncation is never reflected in the log-probs: a trainer cannot reproduce it, and standard
+PPO/GRPO setups ignore it.
+
+Finish reasons: "stop" (a stop token was sampled), "length" (max_new_tokens reached),
+"cache_full" (no slot left for the next token).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tarl_jax.models import qwen
+
+RUNNING, STOP, LENGTH, CACHE_FULL = 0, 1, 2, 3
+REASONS = {STOP: "stop", LENGTH: "length", CACHE_FULL: "cache_full"}
+LOGPROB_MODES = ("tempered", "raw")
+
+
+class DecodeState(NamedTuple):
+    cache: dict           # {"k", "v": [L, B, S, Hkv, D]}
+    length: jax.Array     # [B] int32: tokens held == position of the next token
+    hidden: jax.Array     # [B, D]: final hidden state of each row's last token
+
+
+def init_state(cfg: qwen.DecoderConfig, batch: int, cache_len: int, cache_dtype=None) -> DecodeState:
+    return DecodeState(qwen.init_cache(cfg, batch, cache_len, cache_dtype),
+                       jnp.zeros((batch,), jnp.int32),
+                       jnp.zeros((batch, cfg.hidden_size), jnp.dtype(cfg.dtype)))
+
+
+def append(model: qwen.Decoder, params, state: DecodeState, tokens, num_new) -> DecodeState:
+    """Write tokens[b, :num_new[b]] at positions length[b], length[b] + 1, ... of row b.
+
+    Rows with num_new == 0 are untouched. The caller guarantees the tokens fit in the cache.
+    """
+    idx = jnp.arange(tokens.shape[1])[None]
+    positions = jnp.where(idx < num_new[:, None], state.length[:, None] + idx, qwen.PAD_POSITION)
+    hidden, cache = model.apply({"params": params}, tokens, positions, cache=state.cache)
+    last = jnp.take_along_axis(hidden, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]
+    hidden = jnp.where((num_new > 0)[:, None], last, state.hidden)
+    return DecodeState(cache, state.length + num_new, hidden)
+
+
+def sample_logits(logits, keys, temperature, top_p, top_k, truncate: bool):
+    """One token per row from logits [B, V]; keys [B]; temperature, top_p [B] float; top_k [B] int.
+
+    Gumbel-max on logits / T restricted to the top-k / top-p set; argmax where T == 0.
+    """
+    greedy = temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    if truncate:
+        ranked = -jnp.sort(-scaled, axis=-1)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        rank = jnp.arange(logits.shape[-1])[None]
+        # Both conditions keep a prefix of the ranking; the best token always survives. Tokens
+        # tied with the last kept one are kept too.
+        keep = (mass_before < top_p[:, None]) & ((top_k[:, None] <= 0) | (rank < top_k[:, None]))
+        keep = keep.at[:, 0].set(True)
+        cutoff = jnp.take_along_axis(ranked, keep.sum(-1, keepdims=True) - 1, axis=-1)
+        scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:]))(keys)
+    drawn = jnp.argmax(scaled + gumbel, axis=-1)
+    return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+
+
+def token_logprobs(logits, tokens, temperature):
+    """log p(token) under log_softmax(logits / temperature), per row."""
+    logp = jax.nn.log_softmax(logits / temperature[:, None], axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, top_p, top_k,
+           stop_tokens, max_new, logprob_temperature, *, steps: int, truncate: bool):
+    """Sample until every row stops; returns (state, tokens [B, steps] (-1 past the end),
+    logprobs [B, steps], counts [B], reasons [B]). stop_tokens: [B, K] int, padded with -1;
+    logprobs are taken under log_softmax(logits / logprob_temperature)."""
+    batch, cache_len = state.length.shape[0], state.cache["k"].shape[2]
+    row_keys = jax.random.split(rng, batch)
+    reason = jnp.where(max_new <= 0, LENGTH,
+                       jnp.where(state.length >= cache_len, CACHE_FULL, RUNNING)).astype(jnp.int32)
+    carry = (jnp.int32(0), state, reason, jnp.zeros((batch,), jnp.int32),
+             jnp.full((batch, steps), -1, jnp.int32), jnp.zeros((batch, steps), jnp.float32))
+
+    def cond(carry):
+        step, _, reason, *_ = carry
+        return (step < steps) & jnp.any(reason == RUNNING)
+
+    def body(carry):
+        step, st, reason, count, out_tok, out_lp = carry
+        active = reason == RUNNING
+        logits = model.apply({"params": params}, st.hidden, method=qwen.Decoder.logits)
+        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+        tok = sample_logits(logits, keys, temperature, top_p, top_k, truncate)
+        lp = token_logprobs(logits, tok, logprob_temperature)
+        st = append(model, params, st, tok[:, None], active.astype(jnp.int32))
+        out_tok = out_tok.at[:, step].set(jnp.where(active, tok, -1))
+        out_lp = out_lp.at[:, step].set(jnp.where(active, lp, 0.0))
+        count = count + active
+        stopped = jnp.any(tok[:, None] == stop_tokens, axis=-1)
+        reason = jnp.select([~active, stopped, count >= max_new, st.length >= cache_len],
+                            [reason, STOP, LENGTH, CACHE_FULL], RUNNING).astype(jnp.int32)
+        return step + 1, st, reason, count, out_tok, out_lp
+
+    _, state, reason, count, out_tok, out_lp = jax.lax.while_loop(cond, body, carry)
+    return state, out_tok, out_lp, count, reason
+
+
+# Module-level, keyed on the (hashable) Decoder: every Sampler of one config shares the compiles,
+# so a sampler made per episode costs no recompilation.
+_append_jit = jax.jit(append, static_argnums=0, donate_argnums=2)
+_decode_jit = jax.jit(decode, static_argnums=0, donate_argnums=2,
+                      static_argnames=("steps", "truncate"))
+
+
+@dataclasses.dataclass
+class Completion:
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length" | "cache_full"
+
+
+def _bucket(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def _per_row(value, batch: int, dtype, name: str) -> np.ndarray:
+    arr = np.asarray(value, dtype)
+    if arr.ndim == 0:
+        return np.full((batch,), arr, dtype)
+    if arr.shape != (batch,):
+        raise ValueError(f"{name}: expected a scalar or {batch} values, got shape {arr.shape}")
+    return arr
+
+
+def _stop_array(stop_tokens, batch: int) -> np.ndarray:
+    """Shared ids [int, ...] or per-row sets [[int, ...], ...] -> [B, K] padded with -1."""
+    rows = list(stop_tokens)
+    if not rows or all(isinstance(t, (int, np.integer)) for t in rows):
+        rows = [rows] * batch
+    if len(rows) != batch:
+        raise ValueError(f"stop_tokens: expected one id list shared or {batch} lists, got {len(rows)}")
+    width = _bucket(max(len(r) for r in rows), 4)
+    out = np.full((batch, width), -1, np.int32)
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = r
+    return out
+
+
+class Sampler:
+    """Model config + params + compiled prefill/append/decode, for rollouts and serving.
+
+        sampler = Sampler(cfg, params, cache_len=4096)
+        outs = sampler.generate(prompts, max_new_tokens=256, temperature=0.7, top_p=0.95,
+                                stop_tokens=[im_end, endoftext], seed=0)
+        # episode: the state keeps the whole dialogue; turns are appended, never re-encoded.
+        state = sampler.start(prompts)
+        state, outs = sampler.decode(state, max_new_tokens=256, ...)
+        state = sampler.append(state, tool_result_tokens_per_row)   # [] for rows with nothing new
+        state, outs = sampler.decode(state, ...)
+    """
+
+    def __init__(self, cfg: qwen.DecoderConfig, params, *, cache_len: int = 4096, cache_dtype=None,
+                 logprobs: str = "tempered", prefill_chunk: int = 1024, min_bucket: int = 16):
+        if logprobs not in LOGPROB_MODES:
+            raise ValueError(f"logprobs={logprobs!r}: choose one of {LOGPROB_MODES}")
+        self.cfg, self.params, self.cache_len, self.cache_dtype = cfg, params, cache_len, cache_dtype
+        self.logprobs, self.prefill_chunk, self.min_bucket = logprobs, prefill_chunk, min_bucket
+        self.model = qwen.Decoder(cfg)
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> DecodeState:
+        """A fresh state holding one prompt per row (every prompt needs >= 1 token)."""
+        empty = [b for b, p in enumerate(prompts) if len(p) == 0]
+        if empty:
+            raise ValueError(f"prompts: rows {empty} are empty; every row needs at least one token")
+        too_long = [(b, len(p)) for b, p in enumerate(prompts) if len(p) > self.cache_len]
+        if too_long:
+            raise ValueError(f"prompts: (row, length) {too_long} exceed cache_len={self.cache_len}")
+        state = init_state(self.cfg, len(prompts), self.cache_len, self.cache_dtype)
+        return self.append(state, prompts)
+
+    def append(self, state: DecodeState, new_tokens: Sequence[Sequence[int]]) -> DecodeState:
+        """Append new_tokens[b] (possibly empty) to row b; consumes `state`."""
+        batch = state.length.shape[0]
+        if len(new_tokens) != batch:
+            raise ValueError(f"new_tokens: {len(new_tokens)} rows for a state of batch {batch}")
+        lengths = np.asarray(state.length)
+        num = np.array([len(t) for t in new_tokens], np.int32)
+        over = np.nonzero(lengths + num > self.cache_len)[0]
+        if over.size:
+            raise ValueError(
+                f"new_tokens: rows {over.tolist()} would hold {(lengths + num)[over].tolist()} tokens "
+                f"> cache_len={self.cache_len}")
+        for start in range(0, int(num.max(initial=0)), self.prefill_chunk):
+            chunk = np.clip(num - start, 0, self.prefill_chunk)
+            width = min(_bucket(int(chunk.max()), self.min_bucket), self.prefill_chunk)
+            tokens = np.zeros((batch, width), np.int32)
+            for b, t in enumerate(new_tokens):
+                tokens[b, :chunk[b]] = t[start:start + chunk[b]]
+            state = _append_jit(self.model, self.params, state, tokens, chunk)
+        return state
+
+    def decode(self, state: DecodeState, *, max_new_tokens=256, temperature=1.0, top_p=1.0,
+               top_k=0, stop_tokens: Sequence = (), seed=0) -> tuple[DecodeState, list[Completion]]:
+        """Sample a continuation per row; per-row values may be scalars or one value per row.
+
+        `seed`: an int or a jax PRNG key (e.g. fold_in(rng, step)); same seed, same samples.
+        Consumes `state`; the returned one holds every sampled token.
+        """
+        batch = state.length.shape[0]
+        temperature = _per_row(temperature, batch, np.float32, "temperature")
+        top_p = _per_row(top_p, batch, np.float32, "top_p")
+        top_k = _per_row(top_k, batch, np.int32, "top_k")
+        max_new = _per_row(max_new_tokens, batch, np.int32, "max_new_tokens")
+        rng = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+        sampled = temperature > 0
+        truncate = bool(np.any(sampled & ((top_p < 1) | (top_k > 0))))
+        logprob_temperature = np.where(sampled & (self.logprobs == "tempered"), temperature, 1.0)
+        steps = _bucket(min(int(max_new.max()), self.cache_len), self.min_bucket)
+        state, tokens, logprobs, counts, reasons = _decode_jit(
+            self.model, self.params, state, rng, temperature, top_p, top_k,
+            _stop_array(stop_tokens, batch), max_new, logprob_temperature.astype(np.float32),
+            steps=steps, truncate=truncate)
+        tokens, logprobs, counts, reasons = jax.device_get((tokens, logprobs, counts, reasons))
+        return state, [Completion(tokens[b, :n].tolist(), logprobs[b, :n].tolist(), REASONS[int(r)])
+                       for b, (n, r) in enumerate(zip(counts, reasons))]
+
+    def generate(self, prompts: Sequence[Sequence[int]], **decode_kwargs) -> list[Completion]:
+        _, completions = self.decode(self.start(prompts), **decode_kwargs)
+        return completions

@@ -1,0 +1,163 @@
+"""Sampler: exact against transformers' greedy generate and against full forward passes.
+
+One tiny random Qwen3 (float32, CPU), built in transformers and loaded with `models.hf`. All
+tests share batch 3, cache 64 and 8-token prefill chunks, so prompts longer than 8 also exercise
+chunked prefill and every test reuses the same few compiles.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from tarl_jax import sampler as sampler_lib
+from tarl_jax.models import hf, qwen
+
+CACHE = 64
+PROMPTS = [[5, 17, 3], [9, 1, 44, 7, 7, 30, 2, 90, 11], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 4]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    hf_cfg = transformers.Qwen3Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=0.3,
+        tie_word_embeddings=False, max_position_embeddings=CACHE)
+    model = transformers.Qwen3ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # norm scales start at 1: perturb them so a misplaced scale shows
+        for name, w in model.named_parameters():
+            if "norm" in name:
+                w.add_(0.2 * torch.randn_like(w))
+    path = tmp_path_factory.mktemp("qwen3")
+    model.save_pretrained(path)
+    cfg, params = hf.load_hf(path)
+    return model, cfg, params, sampler_lib.Sampler(cfg, params, cache_len=CACHE, prefill_chunk=8, min_bucket=16)
+
+
+def full_logits(cfg, params, seqs):
+    """Uncached causal forward over right-padded sequences -> [B, T, V] logits."""
+    model = qwen.Decoder(cfg)
+    tokens = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for b, seq in enumerate(seqs):
+        tokens[b, :len(seq)] = seq
+    hidden, _ = model.apply({"params": params}, tokens, np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape))
+    return model.apply({"params": params}, hidden, method=qwen.Decoder.logits)
+
+
+def greedy(s, prompts=PROMPTS, **kw):
+    return s.generate(prompts, temperature=0.0, **{"max_new_tokens": 12, **kw})
+
+
+def test_greedy_matches_transformers_generate(tiny):
+    model, _, _, s = tiny
+    outs = greedy(s)
+    for prompt, out in zip(PROMPTS, outs):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        ref_tokens = ref.sequences[0, len(prompt):].tolist()
+        assert out.tokens == ref_tokens and out.finish_reason == "length"
+        ref_lp = torch.stack(ref.logits)[:, 0].log_softmax(-1)[torch.arange(12), ref_tokens]
+        np.testing.assert_allclose(out.logprobs, ref_lp.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["tempered", "raw"])
+def test_logprobs_equal_full_forward(tiny, mode):
+    _, cfg, params, s = tiny
+    if mode == "raw":
+        s = sampler_lib.Sampler(cfg, params, cache_len=CACHE, prefill_chunk=8, min_bucket=16, logprobs="raw")
+    temps = np.array([0.7, 1.3, 0.0], np.float32)
+    outs = s.generate(PROMPTS, max_new_tokens=12, temperature=temps, top_p=0.9, seed=1)
+    logits = full_logits(cfg, params, [p + o.tokens for p, o in zip(PROMPTS, outs)])
+    for row, (prompt, out, temp) in enumerate(zip(PROMPTS, outs, temps)):
+        row_logits = logits[row, len(prompt) - 1:len(prompt) + 11]
+        if mode == "tempered" and temp > 0:
+            row_logits = row_logits / temp
+        ref = jax.nn.log_softmax(row_logits)[jnp.arange(12), jnp.asarray(out.tokens)]
+        np.testing.assert_allclose(out.logprobs, ref, atol=1e-5)
+
+
+def test_append_continuation_equals_reencoding(tiny):
+    _, _, _, s = tiny
+    state = s.start(PROMPTS)
+    state, first = s.decode(state, max_new_tokens=[5, 7, 3], temperature=0.0)
+    turn = [[100, 101, 102, 103], [], [110, 111, 112, 113, 114, 115]]  # row 1: nothing new
+    state = s.append(state, turn)
+    history = [p + o.tokens + t for p, o, t in zip(PROMPTS, first, turn)]
+    np.testing.assert_array_equal(state.length, [len(h) for h in history])
+    fresh = s.start(history)
+    np.testing.assert_allclose(state.hidden, fresh.hidden, atol=1e-5)
+    _, cont = s.decode(state, max_new_tokens=8, temperature=0.0)
+    _, ref = s.decode(fresh, max_new_tokens=8, temperature=0.0)
+    for a, b in zip(cont, ref):
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(tiny):
+    _, _, _, s = tiny
+    want = [o.tokens for o in greedy(s)]
+    assert [o.tokens for o in s.generate(PROMPTS, max_new_tokens=12, top_k=1, seed=3)] == want
+    assert [o.tokens for o in s.generate(PROMPTS, max_new_tokens=12, top_p=1e-6, seed=3)] == want
+
+
+def test_stop_tokens_max_lengths_and_cache_full(tiny):
+    _, _, _, s = tiny
+    prompts = PROMPTS[:2] + [list(range(1, 59))]  # 58 tokens: 6 slots left in the cache
+    ref = [o.tokens for o in greedy(s, prompts)]
+    assert len(ref[2]) == 6
+    cut = next(i for i in range(2, 12) if ref[0][i] not in ref[0][:i])
+    stops = [[ref[0][cut]], [], [ref[2][0]]]
+    state = s.start(prompts)
+    state, outs = s.decode(state, temperature=0.0, max_new_tokens=[12, 4, 12], stop_tokens=stops)
+    assert [(o.tokens, o.finish_reason) for o in outs] == [
+        (ref[0][:cut + 1], "stop"), (ref[1][:4], "length"), (ref[2][:1], "stop")]
+    # The stop token itself is in the cache: lengths count every sampled token.
+    np.testing.assert_array_equal(state.length, [len(p) + len(o.tokens) for p, o in zip(prompts, outs)])
+    _, outs = s.decode(state, temperature=0.0, max_new_tokens=12)
+    assert outs[2].tokens == ref[2][1:] and outs[2].finish_reason == "cache_full"
+
+
+def test_too_long_inputs_raise(tiny):
+    _, _, _, s = tiny
+    with pytest.raises(ValueError, match=r"\(row, length\) \[\(1, 65\)\] exceed cache_len=64"):
+        s.start([[1], [2] * 65, [3]])
+    with pytest.raises(ValueError, match="empty"):
+        s.start([[1], [], [3]])
+    state = s.start(PROMPTS)
+    with pytest.raises(ValueError, match=r"rows \[2\] would hold \[65\] tokens > cache_len=64"):
+        s.append(state, [[], [], [7] * (CACHE + 1 - len(PROMPTS[2]))])
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    _, _, _, s = tiny
+    run = lambda seed: [o.tokens for o in s.generate(PROMPTS, max_new_tokens=12, seed=seed)]
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_sample_logits_matches_softmax_distribution():
+    """Empirical frequencies vs softmax(logits / T), renormalised over the top-k / top-p set."""
+    logits = jnp.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 20000
+    draw = jax.jit(sampler_lib.sample_logits, static_argnames="truncate")
+
+    def chi2(temperature, top_p, top_k, keep, expected_temperature=None):
+        probs = np.asarray(jax.nn.softmax(logits / (expected_temperature or temperature))) * keep
+        tokens = draw(jnp.broadcast_to(logits, (n, 6)), jax.random.split(jax.random.key(0), n),
+                      jnp.full(n, temperature), jnp.full(n, top_p), jnp.full(n, top_k, jnp.int32), True)
+        counts = np.bincount(np.asarray(tokens), minlength=6)
+        assert counts[keep == 0].sum() == 0, counts
+        expected = n * probs[keep > 0] / probs.sum()
+        return ((counts[keep > 0] - expected) ** 2 / expected).sum()
+
+    everything, top3 = np.ones(6), np.array([1, 1, 1, 0, 0, 0])
+    # df <= 5: p(chi2 > 30) < 2e-5.
+    assert chi2(0.7, 1.0, 0, everything) < 30
+    assert chi2(1.5, 1.0, 3, top3) < 30
+    # T=1 probabilities .51 .19 .11 .07 ...: mass before the 3rd token is .70 < .8, the 4th .81.
+    assert chi2(1.0, 0.8, 0, top3) < 30
+    # The bound is falsifiable: sampling at T=1 is rejected as a draw from T=0.7.
+    assert chi2(1.0, 1.0, 0, everything, expected_temperature=0.7) > 30
