@@ -146,3 +146,25 @@ def test_run_episodes_in_order():
                        lambda t, env: OfflineUser(t, env.world), workers=4)
     assert [e.task_id for e in eps] == [t.task_id for t in tasks]
     assert all(e.reward == 1.0 for e in eps)
+
+
+def test_unparseable_tool_call_is_answered_not_sent_to_user(world_and_task):
+    """A sampling agent's parser reports calls it could not read: the agent gets an error
+    observation, the user never sees the broken text, and the turn records why."""
+    world, task = world_and_task
+    broken = {"role": "assistant", "content": "",
+              "parse_errors": ["tool call 0: arguments are not valid JSON"]}
+    user_saw = []
+
+    class Recorder(Stopper):
+        def reply(self, messages):
+            user_saw.append(len(messages))
+            return super().reply(messages)
+
+    ep = run_episode(Env(world, task), task, Scripted(broken), Recorder())
+    assert ep.counters["malformed/parse"] == 1
+    first_reply = ep.messages[3]
+    assert first_reply["role"] == "tool" and "not valid JSON" in first_reply["content"]
+    assert ep.agent_turns[0].errors == ["parse: tool call 0: arguments are not valid JSON"]
+    assert "parse_errors" not in ep.messages[2]
+    assert user_saw[1] == 5  # the user spoke next only after the agent's second (text) turn

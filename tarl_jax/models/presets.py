@@ -9,6 +9,10 @@ PRESETS = {
     "tiny": DecoderConfig(vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=4,
                           num_heads=4, num_kv_heads=2, head_dim=32, rope_theta=1e4, qk_norm=True,
                           tie_embeddings=True, model_type="qwen3"),
+    # One small layer: end-to-end tests of the trainer (compiles and steps in seconds).
+    "micro": DecoderConfig(vocab_size=2048, hidden_size=32, intermediate_size=64, num_layers=1,
+                           num_heads=2, num_kv_heads=1, head_dim=16, rope_theta=1e4, qk_norm=True,
+                           tie_embeddings=True, model_type="qwen3"),
     "smollm2-135m": DecoderConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                                   num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
                                   rope_theta=1e5, rms_eps=1e-5, tie_embeddings=True,

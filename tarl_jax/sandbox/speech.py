@@ -121,6 +121,7 @@ def power(x) -> float:
 
 
 def apply_conditions(x: np.ndarray, c: Conditions, rng: np.random.Generator | None = None) -> np.ndarray:
+    """16 kHz float32 speech -> the same heard through conditions `c` (see the module docstring)."""
     rng = rng or np.random.default_rng(c.seed)
     x = np.array(x, np.float32)  # a copy: drops write in place
     n = len(x)
@@ -168,6 +169,7 @@ def read_wav(data: bytes) -> tuple[np.ndarray, int]:
 class Engine(Protocol):
     name: str
     voices: tuple[str, ...]
+    ident: str  # what, besides text and voice, determines the audio (part of the cache key)
 
     def synthesize(self, text: str, voice: Voice) -> tuple[np.ndarray, int]: ...
 
@@ -194,7 +196,7 @@ class EspeakNG:
                    for var in ("m1", "m2", "m3", "m4", "m7", "f1", "f2", "f3", "f4", "f5"))
 
     def __init__(self, binary: str = "espeak-ng"):
-        self.binary = binary
+        self.binary = self.ident = binary
 
     def synthesize(self, text, voice):
         exe = _require(self.binary, "espeak-ng")
@@ -212,7 +214,7 @@ class Flite:
     BASE_F0 = {"slt": 170.0, "awb": 110.0, "rms": 100.0, "kal16": 105.0}  # approx. mean F0 (Hz)
 
     def __init__(self, binary: str = "flite"):
-        self.binary = binary
+        self.binary = self.ident = binary
 
     def synthesize(self, text, voice):
         exe = _require(self.binary, "flite")
@@ -241,6 +243,7 @@ class OpenAISpeech:
             import openai
             client = openai.OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY", "none"))
         self.client, self.model, self.format, self.pcm_rate = client, model, response_format, pcm_rate
+        self.ident = f"openai:{client.base_url}:{model}"
 
     def synthesize(self, text, voice):
         resp = self.client.audio.speech.create(model=self.model, voice=voice.name, input=text,
@@ -277,7 +280,7 @@ class TTS:
         self.hits = self.misses = 0
 
     def key(self, text: str, voice: Voice, conditions: Conditions | None) -> str:
-        blob = json.dumps([text, dataclasses.asdict(voice),
+        blob = json.dumps([self.engine.ident, text, dataclasses.asdict(voice),
                            conditions and dataclasses.asdict(conditions)], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -299,7 +302,7 @@ class TTS:
         x = np.ascontiguousarray(x, np.float32)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-            np.save(tmp, x)
-            os.replace(tmp, path)  # atomic: concurrent rollouts never read a half-written file
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+                np.save(f, x)
+            os.replace(f.name, path)  # atomic: concurrent rollouts never read a half-written file
         return x

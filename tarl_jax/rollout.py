@@ -1,0 +1,226 @@
+"""Rollouts: many sandbox episodes driven by one batched, multi-turn KV-cache sampler.
+
+Each episode runs the ordinary `run_episode` loop in its own thread, with a `PolicyAgent` for
+its slot (row) of the sampler. Agents do not call the model themselves: they hand their new
+prompt tokens to the `LockstepEngine` and block. When every live episode is waiting (users and
+tools answer in microseconds offline), the engine makes one batched call: append each row's new
+tokens to the shared cache, decode, and hand each row its completion. A round therefore holds
+exactly the live episodes, which makes rollouts deterministic for a seed.
+
+Token accounting: a row's cache holds exactly the stream the agent records, prompt_ids (system
+prompt with tools, then each rendered user/tool turn) followed by token_ids (what it sampled),
+so the learner trains on the very ids the policy saw and produced.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import threading
+from typing import Any, Callable, Sequence
+
+import jax
+
+from tarl_jax.models.tokenizer import ChatTokenizer
+from tarl_jax.sampler import Sampler
+from tarl_jax.sandbox.episode import AgentReply
+from tarl_jax.sandbox.record import Episode
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    max_turn_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    enable_thinking: bool = False
+
+
+class ContextFull(RuntimeError):
+    """The episode's dialogue no longer fits in the sampler's cache."""
+
+
+def compact_tools(tools: list[dict]) -> list[dict]:
+    """Tool schemas without descriptions: names, argument names, types, required. Small models
+    with short contexts see the interface without ~2/3 of the prompt tokens."""
+    out = []
+    for tool in tools:
+        fn = tool["function"]
+        params = fn.get("parameters") or {}
+        props = {k: {"type": v.get("type", "string")} for k, v in params.get("properties", {}).items()}
+        out.append({"type": "function", "function": {
+            "name": fn["name"],
+            "parameters": {"type": "object", "properties": props,
+                           "required": params.get("required", [])}}})
+    return out
+
+
+def minimal_tools(tools: list[dict]) -> list[dict]:
+    """One line per tool, `{"name": ..., "arguments": [...]}`: the interface in ~15 tokens a
+    tool, for tiny models whose whole context is a couple of thousand tokens."""
+    return [{"name": t["function"]["name"],
+             "arguments": list((t["function"].get("parameters") or {}).get("properties", {}))}
+            for t in tools]
+
+
+TOOL_VIEWS = {"full": lambda tools: tools, "compact": compact_tools, "minimal": minimal_tools}
+
+
+class LockstepEngine:
+    def __init__(self, sampler: Sampler, tokenizer: ChatTokenizer, slots: int, cfg: DecodeConfig,
+                 rng: jax.Array):
+        self.sampler, self.tok, self.cfg, self.rng = sampler, tokenizer, cfg, rng
+        self.slots = slots
+        self.pending: dict[int, list[int]] = {}
+        self.results: dict[int, Any] = {}
+        self.live = set(range(slots))
+        self.started: set[int] = set()
+        self.cond = threading.Condition()
+        self.rounds = 0
+        self.generated_tokens = 0
+        self.error: Exception | None = None   # a failed batched call fails every waiting episode
+
+    # Called from episode threads.
+    def generate(self, slot: int, new_ids: list[int]):
+        with self.cond:
+            self.pending[slot] = new_ids
+            self.cond.notify_all()
+            while slot not in self.results and self.error is None:
+                self.cond.wait()
+            out = self.results.pop(slot, self.error)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def finish(self, slot: int):
+        with self.cond:
+            self.live.discard(slot)
+            self.cond.notify_all()
+
+    def serve(self):
+        """Runs in the caller's thread until every episode has finished."""
+        try:
+            self._serve()
+        except Exception as e:
+            with self.cond:
+                self.error = RuntimeError(f"batched sampling failed: {type(e).__name__}: {e}")
+                self.cond.notify_all()
+            raise
+
+    def _serve(self):
+        state = None
+        cache_len = self.sampler.cache_len
+        while True:
+            with self.cond:
+                while self.live and not set(self.live) <= set(self.pending):
+                    self.cond.wait()
+                if not self.live:
+                    return
+                requests, self.pending = dict(self.pending), {}
+            new = [[] for _ in range(self.slots)]
+            max_new = [0] * self.slots
+            errors = {}
+            lengths = [0] * self.slots if state is None else jax.device_get(state.length).tolist()
+            for slot, ids in requests.items():
+                room = cache_len - lengths[slot] - len(ids)
+                if room < 2:  # need the prompt plus at least one sampled token and its slot
+                    errors[slot] = ContextFull(
+                        f"slot {slot}: {lengths[slot]} + {len(ids)} tokens leave no room in "
+                        f"cache_len={cache_len}")
+                    continue
+                new[slot], max_new[slot] = ids, min(self.cfg.max_turn_tokens, room - 1)
+            if state is None:
+                # First round: every row starts; rows without a prompt get one pad token.
+                state = self.sampler.start([ids or [self.tok.pad_id] for ids in new])
+            else:
+                state = self.sampler.append(state, new)
+            state, outs = self.sampler.decode(
+                state, max_new_tokens=max_new, temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p, top_k=self.cfg.top_k, stop_tokens=self.tok.stop_ids,
+                seed=jax.random.fold_in(self.rng, self.rounds))
+            self.rounds += 1
+            with self.cond:
+                for slot in requests:
+                    self.results[slot] = errors.get(slot) or outs[slot]
+                    if slot not in errors:
+                        self.generated_tokens += len(outs[slot].tokens)
+                self.cond.notify_all()
+
+
+class _Stream:
+    """The ids a policy is fed: the first prompt in full, then only what each turn adds."""
+
+    def __init__(self, tok: ChatTokenizer, tool_view: Callable, enable_thinking: bool):
+        self.tok, self.tool_view, self.enable_thinking = tok, tool_view, enable_thinking
+        self.seen = 0            # messages already in the stream
+        self.cut = False         # last turn hit the token limit: close it before appending
+
+    def prompt(self, messages: list[dict], tools: list[dict]) -> list[int]:
+        if self.seen == 0:
+            ids = self.tok.render(messages, self.tool_view(tools) if tools else None,
+                                  add_generation_prompt=True,
+                                  enable_thinking=self.enable_thinking).ids
+        else:
+            # The assistant message at `seen - 1` is our own reply, already in the stream.
+            ids = self.tok.render_append(messages[self.seen:], enable_thinking=self.enable_thinking,
+                                         close_turn=self.cut)
+        self.seen = len(messages) + 1
+        return ids
+
+
+class PolicyAgent:
+    """The agent callable of one episode (one sampler row)."""
+
+    def __init__(self, engine: LockstepEngine, slot: int, tool_view: Callable = compact_tools):
+        self.engine, self.slot = engine, slot
+        self.stream = _Stream(engine.tok, tool_view, engine.cfg.enable_thinking)
+
+    def __call__(self, messages: list[dict], tools: list[dict]) -> AgentReply:
+        tok = self.engine.tok
+        prompt = self.stream.prompt(messages, tools)
+        completion = self.engine.generate(self.slot, prompt)
+        self.stream.cut = completion.finish_reason != "stop"
+        parsed = tok.parse(completion.tokens, call_id_prefix=f"call_{len(messages)}")
+        message = dict(parsed.message)
+        if parsed.errors:
+            # Recorded on the message so the episode runner can answer with an error observation.
+            message["parse_errors"] = list(parsed.errors)
+        return AgentReply(message=message, prompt_ids=prompt, token_ids=completion.tokens,
+                          logprobs=completion.logprobs)
+
+
+class TeacherAgent:
+    """Wraps a scripted agent (e.g. the expert) and records the ids a policy would have been fed
+    and would have generated for its messages: warm-start data in exactly the rollout format."""
+
+    def __init__(self, agent: Callable, tok: ChatTokenizer, tool_view: Callable = compact_tools,
+                 enable_thinking: bool = False):
+        self.agent, self.tok = agent, tok
+        self.stream = _Stream(tok, tool_view, enable_thinking)
+
+    def __call__(self, messages: list[dict], tools: list[dict]) -> AgentReply:
+        reply = self.agent(messages, tools)
+        message = reply.message if isinstance(reply, AgentReply) else reply
+        prompt = self.stream.prompt(messages, tools)
+        return AgentReply(message=message, prompt_ids=prompt,
+                          token_ids=self.tok.encode_reply(message), logprobs=None)
+
+
+def run_batch(tasks: Sequence, run_one: Callable[[Any, Callable], Episode], sampler: Sampler,
+              tokenizer: ChatTokenizer, cfg: DecodeConfig, rng: jax.Array,
+              tool_view: Callable = compact_tools) -> tuple[list[Episode], dict]:
+    """Episodes for `tasks` (in order) with one lockstep engine; `run_one(task, agent)` runs
+    one episode (e.g. run_episode with its env and user). Returns (episodes, stats)."""
+    engine = LockstepEngine(sampler, tokenizer, len(tasks), cfg, rng)
+
+    def one(slot_task):
+        slot, task = slot_task
+        try:
+            return run_one(task, PolicyAgent(engine, slot, tool_view))
+        finally:
+            engine.finish(slot)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(tasks)) as pool:
+        futures = pool.map(one, enumerate(tasks))
+        engine.serve()
+        episodes = list(futures)
+    return episodes, {"rounds": engine.rounds, "generated_tokens": engine.generated_tokens}

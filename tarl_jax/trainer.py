@@ -1,0 +1,431 @@
+"""The TARL training loop, top to bottom.
+
+    warm start   SFT on the scripted expert's dialogues (optional)
+    every step   tasks from the curriculum -> G rollouts each (jitted KV-cache sampler <->
+                 sandbox episode) -> judge every agent turn -> reward -> advantages -> pack
+                 -> one jitted, sharded update
+    periodically pass^k on held-out tasks, an orbax checkpoint, metrics (JSONL + TensorBoard)
+
+Exact resume: everything random is a pure function of (seed, step) — the curriculum's batch, the
+sampler's key, the update's rng — and the checkpoint holds the train state, so a run killed at
+any point and restarted continues with the same numbers it would have produced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from tarl_jax import rollout, sharding
+from tarl_jax.judge import reliability
+from tarl_jax.judge import reward as judge_reward
+from tarl_jax.judge import rules as rule_judge
+from tarl_jax.models import qwen
+from tarl_jax.models import tokenizer as tokenizer_lib
+from tarl_jax.rl import advantages as adv_lib
+from tarl_jax.rl import checkpoint as ckpt_lib
+from tarl_jax.rl import losses, pack
+from tarl_jax.rl import step as step_lib
+from tarl_jax.sampler import Sampler
+from tarl_jax.sandbox import math as math_tasks
+from tarl_jax.sandbox import reward as sandbox_reward
+from tarl_jax.sandbox import synth
+from tarl_jax.sandbox.env import Env
+from tarl_jax.sandbox.episode import run_episode
+from tarl_jax.sandbox.user import OfflineUser
+
+log = logging.getLogger("tarl_jax")
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+def load_model(mcfg, mesh, rules, seed: int):
+    """(tokenizer, model config, params on the mesh) from a preset, an HF dir or a GGUF file."""
+    from tarl_jax.models import hf, presets
+    tok_dir = (tokenizer_lib.tiny_tokenizer_dir() if mcfg.tokenizer == "tiny" else
+               tokenizer_lib.qwen3_tokenizer_dir() if mcfg.tokenizer == "qwen3" else mcfg.tokenizer)
+    tok = tokenizer_lib.ChatTokenizer(tok_dir)
+    overrides = dict(dtype=mcfg.dtype, scan_layers=mcfg.scan_layers, remat=mcfg.remat)
+    if mcfg.hf_dir:
+        cfg, params = hf.load_hf(mcfg.hf_dir, mesh=mesh, rules=rules, overrides=overrides)
+    elif mcfg.gguf:
+        cfg, params = hf.load_gguf(mcfg.gguf, mesh=mesh, rules=rules, overrides=overrides)
+    else:
+        cfg = dataclasses.replace(presets.get(mcfg.preset), **overrides)
+        if cfg.vocab_size < tok.vocab_size:
+            raise ValueError(f"model preset {mcfg.preset!r} has vocab {cfg.vocab_size} < "
+                             f"tokenizer's {tok.vocab_size}")
+        shardings = sharding.logical_sharding(qwen.logical_axes(cfg), mesh, rules)
+        params = jax.jit(lambda k: qwen.init_params(cfg, k), out_shardings=shardings)(
+            jax.random.key(seed))
+    return tok, cfg, params
+
+
+@dataclasses.dataclass
+class World:
+    """What rollouts need: tool-use train/eval tasks, a way to make envs and users, math."""
+    world: Any
+    train: list
+    eval: list
+    math: list
+    user_cfg: Any
+    max_steps: int
+    reward_variant: str
+    system_prompt: str = ""     # replaces the domain policy as the agent's system prompt
+
+    def run_one(self, task, agent):
+        if task.domain == "math":
+            return math_tasks.run_math_episode(task, agent)
+        env = Env(self.world, task)
+        if self.system_prompt:
+            env.policy = self.system_prompt
+        return run_episode(env, task, agent, self.make_user(task), self.max_steps,
+                           self.reward_variant)
+
+    def make_user(self, task):
+        if self.user_cfg.kind == "offline":
+            return OfflineUser(task, self.world)
+        if self.user_cfg.kind == "llm":
+            from tarl_jax.sandbox.user import LLMUser, LLMUserConfig
+            return LLMUser(task.instruction, LLMUserConfig(
+                model=self.user_cfg.model, base_url=self.user_cfg.base_url,
+                api_key=os.environ.get(self.user_cfg.api_key_env, "EMPTY"),
+                temperature=self.user_cfg.temperature))
+        raise ValueError(f"user.kind={self.user_cfg.kind!r}: choose offline | llm")
+
+
+def build_world(config) -> World:
+    w = config.world
+    if w.source == "synthetic" and not w.data_dir:
+        world, tasks = synth.make_world(synth.SynthConfig(**w.synth))
+        train, eval_ = tasks[:-w.eval_tasks], tasks[-w.eval_tasks:]
+    else:
+        from tarl_jax.sandbox.db import World as DbWorld
+        from tarl_jax.sandbox.tasks import load_tasks
+        root = pathlib.Path(w.data_dir)
+        world = DbWorld.from_dir(w.domain, root)
+        v1 = root / "v1" / w.domain if (root / "v1").is_dir() else root
+        train = load_tasks(v1 / "tasks_train.json", w.domain)
+        eval_ = load_tasks(v1 / "tasks_test.json", w.domain)[:w.eval_tasks]
+    math = []
+    if config.math.fraction > 0:
+        kind, _, name = config.math.source.partition(":")
+        if kind == "reasoning_gym":
+            math = math_tasks.reasoning_gym_tasks(name, size=config.math.size, seed=config.seed)
+        else:
+            math = math_tasks.load_jsonl(config.math.source.partition(":")[2] or kind)
+    return World(world, train, eval_, math, config.user, w.max_steps, w.reward_variant,
+                 w.system_prompt)
+
+
+def curriculum_batch(world: World, config, step: int) -> list:
+    """Tasks of RL step `step`: a pure function of (seed, step), so resume needs no iterator
+    state. Every round(1 / fraction)-th step is a math batch when math.fraction > 0."""
+    n = config.rollout.tasks_per_step
+    frac = config.math.fraction
+    is_math = frac > 0 and world.math and step % max(round(1 / frac), 1) == max(round(1 / frac), 1) - 1
+    pool = world.math if is_math else world.train
+    epoch, offset = divmod(step * n, len(pool))
+    order = np.random.default_rng([config.seed, epoch, int(is_math)]).permutation(len(pool))
+    idx = [order[(offset + i) % len(pool)] for i in range(n)]
+    return [pool[i] for i in idx]
+
+
+# ---------------------------------------------------------------------------- rewards
+
+def score_episodes(episodes, tasks, config) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Judge every episode and combine with its outcome.
+
+    Returns (trajectory rewards [N], per-turn rewards [N, K] or None, metrics)."""
+    outcomes = [ep.reward for ep in episodes]
+    use_judge = config.judge.kind != "none"
+    judgements = []
+    for ep, task in zip(episodes, tasks):
+        if not use_judge or ep.mode == "math" or not ep.agent_turns:
+            judgements.append(None)
+        elif config.judge.kind == "rule":
+            judgements.append(rule_judge.judge(task, ep))
+        else:
+            raise ValueError(f"judge.kind={config.judge.kind!r} in the trainer: rule | none "
+                             "(the LLM judge is wired through judge.llm.judge_batch)")
+    w = dict(config.reward)
+    rewards, per_turn = [], []
+    for ep, j, o in zip(episodes, judgements, outcomes):
+        scores = j.scores if j is not None else [0] * len(ep.agent_turns)
+        if j is None:  # outcome only (plain GRPO; math)
+            rewards.append(w["w_out"] * o)
+            per_turn.append([w["w_out"] * o / max(len(scores), 1)] * max(len(scores), 1))
+        else:
+            rewards.append(judge_reward.trajectory_reward(scores, o, w))
+            per_turn.append(judge_reward.turn_rewards(scores, o, w))
+    k = max(len(r) for r in per_turn)
+    turn_r = np.zeros((len(episodes), k), np.float32)
+    for i, r in enumerate(per_turn):
+        turn_r[i, :len(r)] = r
+    metrics = {"outcome": float(np.mean(outcomes)), "reward": float(np.mean(rewards))}
+    judged = [j for j in judgements if j is not None]
+    if judged:
+        agree = reliability.outcome_agreement(judgements, outcomes)
+        metrics.update({"judge/neg_rate": float(np.mean([-1 in j.scores for j in judged])),
+                        "judge/mean_score": float(np.mean([np.mean(j.scores) for j in judged]))})
+        for key in ("p_fail_given_neg", "p_clean_given_success", "accuracy"):
+            if agree[key] is not None:
+                metrics[f"judge/{key}"] = agree[key]
+    return np.asarray(rewards, np.float32), turn_r, metrics
+
+
+def episode_advantages(config, rewards, turn_rewards, episodes, group_ids):
+    """[N] (trajectory credit) or [N, K] (per-turn) advantages; PPO gets its own in the step."""
+    algo, credit = config.rl.algo, config.rl.credit
+    if algo == "ppo":
+        return None
+    if credit == "trajectory":
+        return np.asarray(adv_lib.compute_advantages(algo, rewards, group_ids))
+    mask = np.zeros(turn_rewards.shape, bool)
+    for i, ep in enumerate(episodes):
+        mask[i, :max(len(ep.agent_turns), 1)] = True
+    return np.asarray(adv_lib.compute_advantages(algo, turn_rewards, group_ids,
+                                                 credit="per_turn", turn_mask=mask,
+                                                 gamma=config.rl.gamma))
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+class Trainer:
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, pathlib.Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        c = config
+        self.rules = sharding.rules_from_config(c.rules)
+        self.mesh = sharding.make_mesh(dict(c.mesh))
+        self.tok, self.model_cfg, params = load_model(c.model, self.mesh, self.rules, c.seed)
+        self.world = build_world(c)
+        self.ppo = c.rl.algo == "ppo"
+        self.step_cfg = step_lib.StepConfig(
+            loss=losses.LossConfig(policy_loss=c.rl.policy_loss, clip_low=c.rl.clip_low,
+                                   clip_high=c.rl.clip_high, agg=c.rl.agg,
+                                   max_len=max(c.pack.seq_lens), kl_coef=c.rl.kl_coef,
+                                   kl_estimator=c.rl.kl_estimator),
+            logprob_chunk=c.rl.logprob_chunk, microbatches=c.rl.microbatches,
+            temperature=c.rollout.temperature, ppo=self.ppo, gamma=c.rl.gamma, lam=c.rl.lam)
+        self.optimizer = step_lib.make_optimizer(
+            c.optim.lr, c.optim.warmup_steps, c.total_steps, c.optim.schedule, c.optim.clip_norm,
+            c.optim.weight_decay, critic_lr=c.optim.critic_lr if self.ppo else None)
+        self.state_sh = step_lib.state_shardings(self.model_cfg, self.optimizer, self.ppo,
+                                                 self.mesh, self.rules)
+        self.keys = step_lib.BATCH_KEYS + (step_lib.PPO_KEYS if self.ppo else ())
+        self.train_step = step_lib.jit_train_step(self.model_cfg, self.step_cfg, self.optimizer,
+                                                  self.mesh, self.state_sh, self.keys, self.rules)
+        self.score = step_lib.make_score_fn(self.model_cfg, self.step_cfg, self.mesh,
+                                            self.state_sh["params"], self.keys, self.rules)
+        self.ckpt = ckpt_lib.Checkpointer(str(self.workdir / "checkpoints"),
+                                          save_every=c.checkpoint_every)
+        self.writer = MetricWriter(self.workdir) if jax.process_index() == 0 else None
+        self.rng = jax.random.key(c.seed)
+        self.sampler = Sampler(self.model_cfg, params, cache_len=c.rollout.cache_len)
+        self._initial_params = params
+
+    # -- state ---------------------------------------------------------------------------
+    def init_or_restore(self) -> tuple[dict, dict]:
+        latest = self.ckpt.latest_step()
+        if latest is not None:
+            abstract = jax.eval_shape(
+                lambda: step_lib.init_state(self._initial_params, self.optimizer, self.model_cfg,
+                                            self.ppo, self.state_sh))
+            abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                    abstract, self.state_sh)
+            state, meta = self.ckpt.restore(abstract)
+            log.info("resumed from step %d in %s", latest, self.ckpt.directory)
+            return state, meta
+        params = self._initial_params
+        meta = {"history": [], "evals": []}
+        if self.config.warmstart.steps:
+            params, sft = self.warm_start(params)
+            meta["warmstart"] = sft
+        state = step_lib.init_state(params, self.optimizer, self.model_cfg, self.ppo, self.state_sh)
+        meta["evals"].append({"step": 0, **self.evaluate(state)})
+        self.ckpt.save(0, state, meta, force=True)
+        return state, meta
+
+    # -- warm start ------------------------------------------------------------------------
+    def warm_start(self, params) -> tuple[Any, dict]:
+        """SFT on expert dialogues, tokenised exactly as a rollout would feed them."""
+        c = self.config.warmstart
+        tasks = self.world.train[:c.episodes]
+        view = _tool_view(self.config)
+        episodes = [self.world.run_one(t, rollout.TeacherAgent(synth.ExpertAgent(t), self.tok,
+                                                                tool_view=view,
+                                                                enable_thinking=False))
+                    for t in tasks]
+        ok = [ep for ep in episodes if ep.reward >= 1]
+        log.info("warm start: %d/%d expert episodes solved; training on them", len(ok), len(episodes))
+        optimizer = step_lib.make_optimizer(c.lr, c.warmup_steps, c.steps, "cosine", 1.0)
+        cfg = dataclasses.replace(self.step_cfg, ppo=False, temperature=1.0,
+                                  loss=losses.LossConfig(policy_loss="pg", agg="token_mean"))
+        sh = step_lib.state_shardings(self.model_cfg, optimizer, False, self.mesh, self.rules)
+        state = step_lib.init_state(params, optimizer, self.model_cfg, False, sh)
+        fn = step_lib.jit_train_step(self.model_cfg, cfg, optimizer, self.mesh, sh,
+                                     step_lib.BATCH_KEYS, self.rules)
+        rng = np.random.default_rng(self.config.seed)
+        losses_seen = []
+        for i in progress(range(c.steps), "warm start"):
+            pick = rng.choice(len(ok), size=min(c.batch_rows, len(ok)), replace=False)
+            batch = pack.pack([ok[j] for j in pick], np.ones(len(pick), np.float32),
+                              seq_lens=(c.seq_len,), rows=(c.batch_rows,), overflow="truncate")
+            state, m = fn(state, step_lib.device_batch(batch.arrays, step_lib.BATCH_KEYS, self.mesh,
+                                                       self.rules), jax.random.key(i))
+            losses_seen.append(float(m["loss"]))
+        log.info("warm start: NLL %.3f -> %.3f over %d steps", losses_seen[0], losses_seen[-1], c.steps)
+        return state["params"]["policy"], {"nll_first": losses_seen[0], "nll_last": losses_seen[-1],
+                                           "expert_solved": len(ok), "expert_episodes": len(episodes)}
+
+    # -- rollouts ----------------------------------------------------------------------------
+    def rollouts(self, params, tasks, samples, temperature, rng):
+        self.sampler.params = params
+        cfg = rollout.DecodeConfig(max_turn_tokens=self.config.rollout.max_turn_tokens,
+                                   temperature=temperature, top_p=self.config.rollout.top_p,
+                                   top_k=self.config.rollout.top_k)
+        flat = [t for t in tasks for _ in range(samples)]
+        return rollout.run_batch(flat, self.world.run_one, self.sampler, self.tok, cfg, rng,
+                                 _tool_view(self.config))
+
+    def evaluate(self, state) -> dict:
+        r = self.config.rollout
+        eps, _ = self.rollouts(state["params"]["policy"], self.world.eval, r.eval_samples,
+                               r.eval_temperature, jax.random.fold_in(self.rng, 1))
+        trials: dict[str, list[float]] = {}
+        for ep in eps:
+            trials.setdefault(ep.task_id, []).append(ep.reward)
+        return {"pass^1": sandbox_reward.pass_hat_k(trials, 1),
+                "eval_turns": float(np.mean([len(ep.agent_turns) for ep in eps]))}
+
+    # -- one RL step -------------------------------------------------------------------------
+    def rl_step(self, state, step: int) -> tuple[dict, dict]:
+        c = self.config
+        t0 = time.perf_counter()
+        tasks = curriculum_batch(self.world, c, step)
+        key = jax.random.fold_in(jax.random.fold_in(self.rng, 0), step)
+        episodes, rstats = self.rollouts(state["params"]["policy"], tasks, c.rollout.samples_per_task,
+                                         c.rollout.temperature, key)
+        t_roll = time.perf_counter() - t0
+        flat_tasks = [t for t in tasks for _ in range(c.rollout.samples_per_task)]
+        group_ids = np.repeat(np.arange(len(tasks)), c.rollout.samples_per_task)
+        rewards, turn_r, metrics = score_episodes(episodes, flat_tasks, c)
+        trainable = [i for i, ep in enumerate(episodes) if ep.agent_turns]
+        advs = episode_advantages(c, rewards, turn_r, episodes, group_ids)
+        eps = [episodes[i] for i in trainable]
+        if advs is not None:
+            advs = advs[trainable]
+        packed = pack.pack(eps, advs, seq_lens=c.pack.seq_lens, rows=c.pack.rows,
+                           overflow=c.pack.overflow)
+        arrays = packed.arrays
+        if self.ppo:
+            values = (rewards[trainable] if c.rl.credit == "trajectory" else turn_r[trainable])
+            arrays["token_rewards"] = pack.scatter_turn_values(arrays, values, at="last")
+            arrays["values"] = np.zeros_like(arrays["advantages"])
+        batch = step_lib.device_batch(arrays, self.keys, self.mesh, self.rules)
+        if self.ppo:
+            _, values = self.score(state["params"], batch)
+            batch["values"] = values
+        if c.rl.kl_coef:
+            ref_logp, _ = self.score({"policy": self._initial_params}, batch)
+            batch["ref_logprobs"] = ref_logp
+        for epoch in range(c.rl.epochs):
+            state, m = self.train_step(state, batch, jax.random.fold_in(key, epoch))
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        metrics.update(m)
+        metrics.update({
+            "time/rollout_s": t_roll, "time/step_s": time.perf_counter() - t0,
+            "rollout/gen_tokens": rstats["generated_tokens"], "rollout/rounds": rstats["rounds"],
+            "rollout/agent_turns": float(np.mean([len(ep.agent_turns) for ep in episodes])),
+            "rollout/malformed": float(np.mean([sum(v for k, v in ep.counters.items()
+                                                    if k.startswith("malformed")) for ep in episodes])),
+            "pack/fill": packed.stats["fill"], "pack/truncated": packed.stats["truncated"],
+            "pack/dropped": packed.stats["dropped"], "math_batch": float(tasks[0].domain == "math"),
+        })
+        return state, metrics
+
+    def run(self):
+        c = self.config
+        state, meta = self.init_or_restore()
+        start = int(jax.device_get(state["step"]))
+        try:
+            for step in progress(range(start, c.total_steps), "rl", initial=start, total=c.total_steps):
+                state, metrics = self.rl_step(state, step)
+                done = step + 1
+                meta["history"].append({"step": done, **metrics})
+                if done % c.eval_every == 0 or done == c.total_steps:
+                    ev = self.evaluate(state)
+                    meta["evals"].append({"step": done, **ev})
+                    metrics.update({f"eval/{k}": v for k, v in ev.items()})
+                if self.writer:
+                    self.writer.write(done, metrics)
+                self.ckpt.save(done, state, meta, force=done == c.total_steps)
+        finally:
+            self.ckpt.close()
+            if self.writer:
+                self.writer.close()
+        if self.writer:
+            plot(meta, self.workdir / "reward.png")
+            (self.workdir / "summary.json").write_text(json.dumps(
+                {"evals": meta["evals"], "warmstart": meta.get("warmstart")}, indent=1))
+        return state, meta
+
+
+def _tool_view(config):
+    if config.world.tool_view not in rollout.TOOL_VIEWS:
+        raise ValueError(f"world.tool_view={config.world.tool_view!r}: choose from "
+                         f"{sorted(rollout.TOOL_VIEWS)}")
+    return rollout.TOOL_VIEWS[config.world.tool_view]
+
+
+# ---------------------------------------------------------------------------- reporting
+
+class MetricWriter:
+    """metrics.jsonl (always) + TensorBoard event files (tensorboardX, no TensorFlow)."""
+
+    def __init__(self, workdir: pathlib.Path):
+        from tensorboardX import SummaryWriter
+        self.jsonl = open(workdir / "metrics.jsonl", "a")
+        self.tb = SummaryWriter(str(workdir / "tb"))
+
+    def write(self, step: int, metrics: dict):
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self):
+        self.jsonl.close()
+        self.tb.close()
+
+
+def progress(it, desc: str, **kw):
+    from tqdm.auto import tqdm
+    return tqdm(it, desc=desc, disable=jax.process_index() != 0, dynamic_ncols=True, **kw)
+
+
+def plot(meta: dict, path: pathlib.Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    hist, evals = meta["history"], meta["evals"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot([h["step"] for h in hist], [h["reward"] for h in hist], label="reward (TARL)")
+    ax[0].plot([h["step"] for h in hist], [10 * h["outcome"] for h in hist], label="10 x outcome")
+    ax[0].set_xlabel("RL step")
+    ax[0].legend()
+    ax[1].plot([e["step"] for e in evals], [e["pass^1"] for e in evals], "o-")
+    ax[1].set_xlabel("RL step")
+    ax[1].set_ylabel("held-out pass^1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
