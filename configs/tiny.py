@@ -36,15 +36,15 @@ def get_config(arg: str | None = None):
 
     c.world = dict(source="synthetic", data_dir=args.taubench, domain="retail",
                    synth=dict(seed=0, num_users=40, num_products=12, num_orders=100, num_tasks=160),
-                   eval_tasks=12, tool_view="minimal", reward_variant="tarl", max_steps=12,
+                   eval_tasks=8, tool_view="minimal", reward_variant="taubench", max_steps=10,
                    # A tiny model cannot use a 600-token policy; tau-bench runs keep the policy.
                    system_prompt=BRIEF if not args.taubench else "")
     c.math = dict(fraction=float(args.math), source="reasoning_gym:basic_arithmetic", size=200)
     c.user = dict(kind="offline", base_url="", model="", api_key_env="OPENAI_API_KEY",
                   temperature=0.0)
 
-    c.rollout = dict(tasks_per_step=4, samples_per_task=4, temperature=1.0, top_p=1.0, top_k=0,
-                     max_turn_tokens=64, cache_len=2048, eval_temperature=0.0, eval_samples=1)
+    c.rollout = dict(tasks_per_step=3, samples_per_task=4, temperature=1.0, top_p=1.0, top_k=0,
+                     max_turn_tokens=48, cache_len=2048, eval_temperature=0.0, eval_samples=1)
     c.judge = dict(kind=args.judge, llm=dict(base_url="", model="", max_concurrency=8,
                                              fallback="rule"))
     c.reward = dict(w_out=10.0, w_neg=5.0, w_pos=5.0)
@@ -54,7 +54,7 @@ def get_config(arg: str | None = None):
     c.pack = dict(seq_lens=(2048,), rows=(4, 8, 16), overflow="truncate")
     c.optim = dict(lr=3e-4, critic_lr=1e-3, warmup_steps=0, schedule="constant", clip_norm=1.0,
                    weight_decay=0.0)
-    c.warmstart = dict(steps=30, lr=2e-3, episodes=96, batch_rows=4, seq_len=2048, warmup_steps=5)
+    c.warmstart = dict(steps=60, lr=3e-3, episodes=96, batch_rows=4, seq_len=2048, warmup_steps=5)
 
     if args.runlocal:
         c.total_steps, c.eval_every, c.checkpoint_every = 2, 2, 1

@@ -176,3 +176,13 @@ def test_gae_hand_value_gamma_lambda_one():
     values = np.array([[5, 0.5, 1.0, 5, 1.5, 5]], np.float32)
     a, _ = adv.gae(rewards, values, mask, gamma=1.0, lam=1.0)
     np.testing.assert_allclose(a, [[0, 3 - 0.5, 3 - 1.0, 0, 2 - 1.5, 0]], rtol=1e-6)
+
+
+def test_per_turn_grpo_with_equal_episode_returns_is_unscaled():
+    """All episodes of the group scored the same (std 0) but their turns differ: advantages stay
+    O(reward), not reward / eps."""
+    turn_r = jnp.array([[0.0, -5.0, 0.0], [-5.0, 0.0, 0.0]])
+    mask = jnp.ones((2, 3), bool)
+    got = adv.compute_advantages("grpo", turn_r, jnp.array([0, 0]), credit="per_turn",
+                                     turn_mask=mask)
+    np.testing.assert_allclose(got, [[0.0, 0.0, 5.0], [0.0, 5.0, 5.0]], atol=1e-6)

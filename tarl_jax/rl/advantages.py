@@ -52,6 +52,9 @@ def group_stats(x: jax.Array, group_ids: jax.Array):
     return total, count, std
 
 
+STD_FLOOR = 1e-4
+
+
 def _per_episode(stat: jax.Array, returns: jax.Array) -> jax.Array:
     return stat.reshape(stat.shape + (1,) * (returns.ndim - 1))
 
@@ -63,7 +66,11 @@ def _no_peers_zero(adv, count, returns):
 
 def grpo(returns, episode_returns, group_ids, eps=1e-6):
     total, count, std = group_stats(episode_returns, group_ids)
-    adv = (returns - _per_episode(total / count, returns)) / (_per_episode(std, returns) + eps)
+    # A group whose episodes all scored the same has std 0: trajectory advantages are then 0
+    # anyway, but per-turn returns-to-go still differ from the mean, and dividing by eps would
+    # blow them up by 1e6. Such a group is left unscaled (Dr.GRPO's choice).
+    scale = jnp.where(std > STD_FLOOR, std + eps, 1.0)
+    adv = (returns - _per_episode(total / count, returns)) / _per_episode(scale, returns)
     return _no_peers_zero(adv, count, returns)
 
 
