@@ -28,6 +28,8 @@ setup(
         # Math task family: procedural problems (offline) and answer grading.
         "reasoning-gym==0.1.25",
         "math-verify==0.9.0",
+        # Sandbox tools served to external agents over the Model Context Protocol.
+        "mcp==2.3.0",
     ],
     extras_require={
         # torch is the numerical reference only; pinned because an unpinned torch pulls a CUDA build.

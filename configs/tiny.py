@@ -23,11 +23,12 @@ def get_config(arg: str | None = None):
                                runlocal=False, taubench="")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.mode = "train"                       # train | eval | serve
+    c.mode = "train"                       # train | eval
     c.total_steps = 6                      # RL steps
     c.log_every = 1
     c.eval_every = 6
     c.checkpoint_every = 2
+    c.save_episodes = True                 # workdir/episodes/step*_host*.jsonl
 
     c.model = dict(preset="tiny", hf_dir="", gguf="", tokenizer="tiny", dtype="float32",
                    scan_layers=False, remat="none")
@@ -51,6 +52,7 @@ def get_config(arg: str | None = None):
     c.rl = dict(algo=args.algo, credit=args.credit, policy_loss="ppo", clip_low=0.2, clip_high=0.2,
                 agg="token_mean", kl_coef=0.0, kl_estimator="k3", gamma=1.0, lam=0.95,
                 epochs=1, microbatches=1, logprob_chunk=1024)
+    # Row buckets of the global batch (each host packs bucket / host count rows).
     c.pack = dict(seq_lens=(2048,), rows=(4, 8, 16), overflow="truncate")
     c.optim = dict(lr=3e-4, critic_lr=1e-3, warmup_steps=0, schedule="constant", clip_norm=1.0,
                    weight_decay=0.0)

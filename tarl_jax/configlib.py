@@ -21,3 +21,14 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         else:
             out[key] = type(default)(value)
     return ml_collections.ConfigDict(out)
+
+
+def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """get_config(arg) of another config file: configs build on each other by path (they are
+    files passed to --config, not an importable package)."""
+    import importlib.util
+    import pathlib
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

@@ -18,6 +18,9 @@ config_flags.DEFINE_config_file("config", "configs/tiny.py", "an ml_collections 
                                 lock_config=True)
 flags.DEFINE_string("workdir", "runs/tiny", "checkpoints, metrics.jsonl, TensorBoard, plots")
 flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU pods, SLURM)")
+flags.DEFINE_string("coordinator", "", "host:port of process 0 (empty: detect, e.g. TPU/SLURM)")
+flags.DEFINE_integer("num_processes", 0, "with --coordinator: how many processes")
+flags.DEFINE_integer("process_id", -1, "with --coordinator: this process's index")
 FLAGS = flags.FLAGS
 
 
@@ -32,7 +35,8 @@ def main(argv):
     ours.addHandler(handler)
     ours.propagate = False
     if FLAGS.multihost:
-        jax.distributed.initialize()
+        from tarl_jax import distributed
+        distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config
     from tarl_jax import trainer
     t = trainer.Trainer(config, FLAGS.workdir)

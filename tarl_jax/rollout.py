@@ -67,9 +67,13 @@ TOOL_VIEWS = {"full": lambda tools: tools, "compact": compact_tools, "minimal": 
 
 class LockstepEngine:
     def __init__(self, sampler: Sampler, tokenizer: ChatTokenizer, slots: int, cfg: DecodeConfig,
-                 rng: jax.Array):
-        self.sampler, self.tok, self.cfg, self.rng = sampler, tokenizer, cfg, rng
+                 rng: jax.Array, episode_ids: Sequence[int] | None = None):
+        self.sampler, self.tok, self.cfg = sampler, tokenizer, cfg
         self.slots = slots
+        # Row b's key in round r is fold_in(fold_in(rng, episode id), r): an episode samples the
+        # same tokens whichever batch, host or slot it runs in.
+        ids = jax.numpy.arange(slots) if episode_ids is None else jax.numpy.asarray(episode_ids)
+        self.episode_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, ids)
         self.pending: dict[int, list[int]] = {}
         self.results: dict[int, Any] = {}
         self.live = set(range(slots))
@@ -136,7 +140,7 @@ class LockstepEngine:
             state, outs = self.sampler.decode(
                 state, max_new_tokens=max_new, temperature=self.cfg.temperature,
                 top_p=self.cfg.top_p, top_k=self.cfg.top_k, stop_tokens=self.tok.stop_ids,
-                seed=jax.random.fold_in(self.rng, self.rounds))
+                seed=jax.vmap(jax.random.fold_in, (0, None))(self.episode_keys, self.rounds))
             self.rounds += 1
             with self.cond:
                 for slot in requests:
@@ -207,10 +211,12 @@ class TeacherAgent:
 
 def run_batch(tasks: Sequence, run_one: Callable[[Any, Callable], Episode], sampler: Sampler,
               tokenizer: ChatTokenizer, cfg: DecodeConfig, rng: jax.Array,
-              tool_view: Callable = compact_tools) -> tuple[list[Episode], dict]:
+              tool_view: Callable = compact_tools,
+              episode_ids: Sequence[int] | None = None) -> tuple[list[Episode], dict]:
     """Episodes for `tasks` (in order) with one lockstep engine; `run_one(task, agent)` runs
-    one episode (e.g. run_episode with its env and user). Returns (episodes, stats)."""
-    engine = LockstepEngine(sampler, tokenizer, len(tasks), cfg, rng)
+    one episode (e.g. run_episode with its env and user). `episode_ids` (default 0..n-1) seed
+    each episode's sampling. Returns (episodes, stats)."""
+    engine = LockstepEngine(sampler, tokenizer, len(tasks), cfg, rng, episode_ids)
 
     def one(slot_task):
         slot, task = slot_task

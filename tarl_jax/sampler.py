@@ -109,7 +109,8 @@ def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, to
     logprobs [B, steps], counts [B], reasons [B]). stop_tokens: [B, K] int, padded with -1;
     logprobs are taken under log_softmax(logits / logprob_temperature)."""
     batch, cache_len = state.length.shape[0], state.cache["k"].shape[2]
-    row_keys = jax.random.split(rng, batch)
+    # One key per row when given (a row's samples then do not depend on the batch it is in).
+    row_keys = rng if rng.ndim == 1 else jax.random.split(rng, batch)
     reason = jnp.where(max_new <= 0, LENGTH,
                        jnp.where(state.length >= cache_len, CACHE_FULL, RUNNING)).astype(jnp.int32)
     carry = (jnp.int32(0), state, reason, jnp.zeros((batch,), jnp.int32),
@@ -237,7 +238,8 @@ class Sampler:
                top_k=0, stop_tokens: Sequence = (), seed=0) -> tuple[DecodeState, list[Completion]]:
         """Sample a continuation per row; per-row values may be scalars or one value per row.
 
-        `seed`: an int or a jax PRNG key (e.g. fold_in(rng, step)); same seed, same samples.
+        `seed`: an int, a jax PRNG key (e.g. fold_in(rng, step)), or one key per row ([B] keys:
+        each row's samples are then independent of the batch it is in); same seed, same samples.
         Consumes `state`; the returned one holds every sampled token.
         """
         batch = state.length.shape[0]

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tarl_jax import rollout, sharding
+from tarl_jax import distributed, rollout, sharding
 from tarl_jax.judge import reliability
 from tarl_jax.judge import reward as judge_reward
 from tarl_jax.judge import rules as rule_judge
@@ -80,13 +80,13 @@ class World:
     reward_variant: str
     system_prompt: str = ""     # replaces the domain policy as the agent's system prompt
 
-    def run_one(self, task, agent):
+    def run_one(self, task, agent, max_steps: int | None = None):
         if task.domain == "math":
             return math_tasks.run_math_episode(task, agent)
         env = Env(self.world, task)
         if self.system_prompt:
             env.policy = self.system_prompt
-        return run_episode(env, task, agent, self.make_user(task), self.max_steps,
+        return run_episode(env, task, agent, self.make_user(task), max_steps or self.max_steps,
                            self.reward_variant)
 
     def make_user(self, task):
@@ -145,16 +145,25 @@ def score_episodes(episodes, tasks, config) -> tuple[np.ndarray, np.ndarray | No
 
     Returns (trajectory rewards [N], per-turn rewards [N, K] or None, metrics)."""
     outcomes = [ep.reward for ep in episodes]
-    use_judge = config.judge.kind != "none"
-    judgements = []
-    for ep, task in zip(episodes, tasks):
-        if not use_judge or ep.mode == "math" or not ep.agent_turns:
-            judgements.append(None)
-        elif config.judge.kind == "rule":
-            judgements.append(rule_judge.judge(task, ep))
-        else:
-            raise ValueError(f"judge.kind={config.judge.kind!r} in the trainer: rule | none "
-                             "(the LLM judge is wired through judge.llm.judge_batch)")
+    kind = config.judge.kind
+    if kind not in ("none", "rule", "llm"):
+        raise ValueError(f"judge.kind={kind!r}: choose none | rule | llm")
+    judged = [i for i, ep in enumerate(episodes)
+              if kind != "none" and ep.mode != "math" and ep.agent_turns]
+    judgements = [None] * len(episodes)
+    metrics = {}
+    if kind == "rule":
+        for i in judged:
+            judgements[i] = rule_judge.judge(tasks[i], episodes[i])
+    elif kind == "llm" and judged:
+        from tarl_jax.judge import llm as llm_judge
+        found, stats = llm_judge.judge_batch([(tasks[i], episodes[i]) for i in judged],
+                                             {k: (None if v == "" else v)
+                                              for k, v in config.judge.llm.items()})
+        for i, j in zip(judged, found):
+            judgements[i] = j  # None: dropped by the configured fallback, outcome-only reward
+        metrics.update({f"judge/{k}": float(v) for k, v in stats.items()
+                        if isinstance(v, (int, float))})
     w = dict(config.reward)
     rewards, per_turn = [], []
     for ep, j, o in zip(episodes, judgements, outcomes):
@@ -169,7 +178,7 @@ def score_episodes(episodes, tasks, config) -> tuple[np.ndarray, np.ndarray | No
     turn_r = np.zeros((len(episodes), k), np.float32)
     for i, r in enumerate(per_turn):
         turn_r[i, :len(r)] = r
-    metrics = {"outcome": float(np.mean(outcomes)), "reward": float(np.mean(rewards))}
+    metrics.update({"outcome": float(np.mean(outcomes)), "reward": float(np.mean(rewards))})
     judged = [j for j in judgements if j is not None]
     if judged:
         agree = reliability.outcome_agreement(judgements, outcomes)
@@ -258,11 +267,12 @@ class Trainer:
     def warm_start(self, params) -> tuple[Any, dict]:
         """SFT on expert dialogues, tokenised exactly as a rollout would feed them."""
         c = self.config.warmstart
-        tasks = self.world.train[:c.episodes]
+        tasks, _ = distributed.host_share(self.world.train[:c.episodes])
         view = _tool_view(self.config)
+        # The expert gets tau-bench's 30-step cap even where rollouts are cut shorter.
         episodes = [self.world.run_one(t, rollout.TeacherAgent(synth.ExpertAgent(t), self.tok,
                                                                 tool_view=view,
-                                                                enable_thinking=False))
+                                                                enable_thinking=False), 30)
                     for t in tasks]
         ok = [ep for ep in episodes if ep.reward >= 1]
         log.info("warm start: %d/%d expert episodes solved; training on them", len(ok), len(episodes))
@@ -273,12 +283,13 @@ class Trainer:
         state = step_lib.init_state(params, optimizer, self.model_cfg, False, sh)
         fn = step_lib.jit_train_step(self.model_cfg, cfg, optimizer, self.mesh, sh,
                                      step_lib.BATCH_KEYS, self.rules)
-        rng = np.random.default_rng(self.config.seed)
+        rng = np.random.default_rng([self.config.seed, jax.process_index()])
         losses_seen = []
+        rows = c.batch_rows // jax.process_count()   # global batch rows, split over hosts
         for i in progress(range(c.steps), "warm start"):
-            pick = rng.choice(len(ok), size=min(c.batch_rows, len(ok)), replace=False)
+            pick = rng.choice(len(ok), size=min(rows, len(ok)), replace=False)
             batch = pack.pack([ok[j] for j in pick], np.ones(len(pick), np.float32),
-                              seq_lens=(c.seq_len,), rows=(c.batch_rows,), overflow="truncate")
+                              seq_lens=(c.seq_len,), rows=(rows,), overflow="truncate")
             state, m = fn(state, step_lib.device_batch(batch.arrays, step_lib.BATCH_KEYS, self.mesh,
                                                        self.rules), jax.random.key(i))
             losses_seen.append(float(m["loss"]))
@@ -287,33 +298,60 @@ class Trainer:
                                            "expert_solved": len(ok), "expert_episodes": len(episodes)}
 
     # -- rollouts ----------------------------------------------------------------------------
-    def rollouts(self, params, tasks, samples, temperature, rng):
+    def rollouts(self, params, tasks, samples, temperature, rng, first_task: int = 0):
+        """G = `samples` episodes per task; episode ids (which seed sampling) are global, so a
+        host computes exactly what a single process would for the same tasks."""
+        if jax.process_count() > 1:
+            # Each host samples its own episodes on its own devices: a full local replica of
+            # the policy (the train-step params are sharded across hosts).
+            from jax.experimental import multihost_utils
+            params = jax.device_put(multihost_utils.process_allgather(params, tiled=True),
+                                    jax.local_devices()[0])
         self.sampler.params = params
         cfg = rollout.DecodeConfig(max_turn_tokens=self.config.rollout.max_turn_tokens,
                                    temperature=temperature, top_p=self.config.rollout.top_p,
                                    top_k=self.config.rollout.top_k)
         flat = [t for t in tasks for _ in range(samples)]
+        ids = range(first_task * samples, first_task * samples + len(flat))
         return rollout.run_batch(flat, self.world.run_one, self.sampler, self.tok, cfg, rng,
-                                 _tool_view(self.config))
+                                 _tool_view(self.config), episode_ids=list(ids))
 
     def evaluate(self, state) -> dict:
         r = self.config.rollout
-        eps, _ = self.rollouts(state["params"]["policy"], self.world.eval, r.eval_samples,
-                               r.eval_temperature, jax.random.fold_in(self.rng, 1))
+        tasks, first = distributed.host_share(self.world.eval)
+        eps, _ = self.rollouts(state["params"]["policy"], tasks, r.eval_samples,
+                               r.eval_temperature, jax.random.fold_in(self.rng, 1), first)
         trials: dict[str, list[float]] = {}
-        for ep in eps:
-            trials.setdefault(ep.task_id, []).append(ep.reward)
-        return {"pass^1": sandbox_reward.pass_hat_k(trials, 1),
-                "eval_turns": float(np.mean([len(ep.agent_turns) for ep in eps]))}
+        turns = []
+        for host_trials, host_turns in distributed.allgather_json(
+                [[[ep.task_id, ep.reward] for ep in eps], [len(ep.agent_turns) for ep in eps]]):
+            for task_id, reward in host_trials:
+                trials.setdefault(task_id, []).append(reward)
+            turns += host_turns
+        return {"pass^1": sandbox_reward.pass_hat_k(trials, 1), "eval_turns": float(np.mean(turns))}
+
+    def pack(self, episodes, advs) -> pack.Packed:
+        """Pack this host's episodes into a shape every host agrees on: each host's rows are its
+        slice of the global batch, so all hosts need the same [rows, T]. Row buckets in the
+        config are global; a host gets bucket / host count rows."""
+        c, hosts = self.config.pack, jax.process_count()
+        rows = [r // hosts for r in c.rows if r % hosts == 0]
+        packed = pack.pack(episodes, advs, seq_lens=c.seq_lens, rows=rows, overflow=c.overflow)
+        shapes = distributed.allgather_json([packed.stats["seq_len"], packed.stats["rows"]])
+        t_len, n_rows = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        if (t_len, n_rows) != (packed.stats["seq_len"], packed.stats["rows"]):
+            packed = pack.pack(episodes, advs, seq_lens=(t_len,), rows=(n_rows,),
+                               overflow=c.overflow)
+        return packed
 
     # -- one RL step -------------------------------------------------------------------------
     def rl_step(self, state, step: int) -> tuple[dict, dict]:
         c = self.config
         t0 = time.perf_counter()
-        tasks = curriculum_batch(self.world, c, step)
+        tasks, first = distributed.host_share(curriculum_batch(self.world, c, step))
         key = jax.random.fold_in(jax.random.fold_in(self.rng, 0), step)
         episodes, rstats = self.rollouts(state["params"]["policy"], tasks, c.rollout.samples_per_task,
-                                         c.rollout.temperature, key)
+                                         c.rollout.temperature, key, first)
         t_roll = time.perf_counter() - t0
         flat_tasks = [t for t in tasks for _ in range(c.rollout.samples_per_task)]
         group_ids = np.repeat(np.arange(len(tasks)), c.rollout.samples_per_task)
@@ -323,8 +361,9 @@ class Trainer:
         eps = [episodes[i] for i in trainable]
         if advs is not None:
             advs = advs[trainable]
-        packed = pack.pack(eps, advs, seq_lens=c.pack.seq_lens, rows=c.pack.rows,
-                           overflow=c.pack.overflow)
+        if c.save_episodes:
+            self.save_episodes(step + 1, episodes)
+        packed = self.pack(eps, advs)
         arrays = packed.arrays
         if self.ppo:
             values = (rewards[trainable] if c.rl.credit == "trajectory" else turn_r[trainable])
@@ -339,10 +378,8 @@ class Trainer:
             batch["ref_logprobs"] = ref_logp
         for epoch in range(c.rl.epochs):
             state, m = self.train_step(state, batch, jax.random.fold_in(key, epoch))
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        metrics.update(m)
         metrics.update({
-            "time/rollout_s": t_roll, "time/step_s": time.perf_counter() - t0,
+            "time/rollout_s": t_roll,
             "rollout/gen_tokens": rstats["generated_tokens"], "rollout/rounds": rstats["rounds"],
             "rollout/agent_turns": float(np.mean([len(ep.agent_turns) for ep in episodes])),
             "rollout/malformed": float(np.mean([sum(v for k, v in ep.counters.items()
@@ -350,7 +387,21 @@ class Trainer:
             "pack/fill": packed.stats["fill"], "pack/truncated": packed.stats["truncated"],
             "pack/dropped": packed.stats["dropped"], "math_batch": float(tasks[0].domain == "math"),
         })
+        # Host metrics: every host ran the same number of episodes, so a plain mean of host
+        # means is the global mean (counts such as gen_tokens become per-host averages).
+        hosts = distributed.allgather_json(metrics)
+        metrics = {k: float(np.mean([h[k] for h in hosts])) for k in hosts[0]
+                   if all(k in h for h in hosts)}
+        metrics.update({k: float(v) for k, v in jax.device_get(m).items()})  # global already
+        metrics["time/step_s"] = time.perf_counter() - t0
         return state, metrics
+
+    def save_episodes(self, step: int, episodes) -> None:
+        """Each host writes its own episodes (inputs of `python -m tarl_jax.judge.reliability`)."""
+        out = self.workdir / "episodes"
+        out.mkdir(exist_ok=True)
+        path = out / f"step{step:06d}_host{jax.process_index()}.jsonl"
+        path.write_text("".join(ep.to_json() + "\n" for ep in episodes))
 
     def run(self):
         c = self.config

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import jax
 import numpy as np
@@ -27,20 +26,8 @@ import torch
 import transformers
 
 from tarl_jax.models import hf, presets, qwen
+from tarl_jax.bench import best_time
 from tarl_jax.sampler import Sampler
-
-
-def best_time(fn, repeats: int) -> tuple[float, float, object]:
-    """(first call seconds, best of `repeats` later calls, last result)."""
-    start = time.perf_counter()
-    out = fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return first, min(times), out
 
 
 def throughput(sampler: Sampler, model, prompts: np.ndarray, new: int, repeats: int) -> dict:

@@ -28,6 +28,7 @@ import time
 import jax
 import numpy as np
 
+from tarl_jax.bench import best_time
 from tarl_jax.models import audio, omni, qwen
 from tarl_jax.sandbox import speech
 
@@ -41,18 +42,6 @@ SENTENCES = [
     "No, that's everything. Thanks a lot for your help today!",
     "Wait, how long will the refund take to show up on my statement?",
 ]
-
-
-def best(fn, repeats):
-    start = time.perf_counter()
-    out = fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return first, min(times), out
 
 
 def bench_tts(args):
@@ -95,13 +84,13 @@ def bench_log_mel(waves, repeats):
     fe = transformers.WhisperFeatureExtractor(feature_size=128)
     secs = sum(len(w) for w in waves) / audio.SAMPLE_RATE
     buf, lengths = audio.pad_waves(waves)
-    first, ours, _ = best(lambda: audio.log_mel(buf, lengths).block_until_ready(), repeats)
-    _, torch_path, _ = best(lambda: fe(waves, sampling_rate=16000, return_attention_mask=True), repeats)
-    _, longest, _ = best(lambda: fe(waves, sampling_rate=16000, padding="longest"), repeats)
+    first, ours, _ = best_time(lambda: audio.log_mel(buf, lengths).block_until_ready(), repeats)
+    _, torch_path, _ = best_time(lambda: fe(waves, sampling_rate=16000, return_attention_mask=True), repeats)
+    _, longest, _ = best_time(lambda: fe(waves, sampling_rate=16000, padding="longest"), repeats)
     padded = np.zeros((len(waves), audio.MAX_SAMPLES), np.float32)
     for i, w in enumerate(waves):
         padded[i, :len(w)] = w[:audio.MAX_SAMPLES]
-    _, numpy_path, _ = best(lambda: fe._np_extract_fbank_features(padded, "cpu"), 1)
+    _, numpy_path, _ = best_time(lambda: fe._np_extract_fbank_features(padded, "cpu"), 1)
     print(f"  ours (jit, {buf.shape[1] / audio.SAMPLE_RATE:.0f} s buckets): {secs / ours:9.0f} audio-s/s"
           f"  (compile {first - ours:.2f} s)")
     print(f"  WhisperFeatureExtractor torch path:  {secs / torch_path:9.0f} audio-s/s   ratio ours/theirs "
@@ -139,8 +128,8 @@ def bench_encoder(waves, args):
             out = cache.stream(copies)
         return out
 
-    first_u, t_u, _ = best(uncached, args.repeats)
-    first_c, t_c, _ = best(cached, args.repeats)
+    first_u, t_u, _ = best_time(uncached, args.repeats)
+    first_c, t_c, _ = best_time(cached, args.repeats)
     n = len(waves)
     print(f"  encoder {args.encoder} ({acfg.num_layers} layers, d={acfg.d_model}, {args.dtype}) on "
           f"{jax.devices()[0].platform}: {n} utterances x {args.group} samples x {args.passes} passes")

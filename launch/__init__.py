@@ -1,0 +1,1 @@
+"""Launchers: `python -m launch.{local,slurm,tpu,sweep} -h` from the repository root."""
