@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
                                runlocal=False, taubench="")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.mode = "train"                       # train | eval
+    c.mode = "train"                       # train | eval | serve
     c.total_steps = 6                      # RL steps
     c.log_every = 1
     c.eval_every = 6

@@ -1,7 +1,8 @@
 """Entry point: `python -m tarl_jax.main --config=configs/tiny.py --workdir=DIR [--config.x=y]`.
 
 Modes (`--config.mode=`): train (default; resumes from DIR's latest checkpoint), eval (pass^k of
-the latest checkpoint on the held-out tasks). On a multi-host slice every host runs this same
+the latest checkpoint on the held-out tasks), serve (the latest checkpoint's policy behind an
+OpenAI-compatible endpoint, `--port`, for tau-bench's own harness or a local judge/user). On a multi-host slice every host runs this same
 command; `--multihost` initialises JAX's multi-controller runtime first.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU po
 flags.DEFINE_string("coordinator", "", "host:port of process 0 (empty: detect, e.g. TPU/SLURM)")
 flags.DEFINE_integer("num_processes", 0, "with --coordinator: how many processes")
 flags.DEFINE_integer("process_id", -1, "with --coordinator: this process's index")
+flags.DEFINE_string("host", "127.0.0.1", "serve mode: address to bind")
+flags.DEFINE_integer("port", 8000, "serve mode: port")
 FLAGS = flags.FLAGS
 
 
@@ -39,6 +42,8 @@ def main(argv):
         distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config
     from tarl_jax import trainer
+    if config.mode == "serve":
+        return serve(config)
     t = trainer.Trainer(config, FLAGS.workdir)
     if config.mode == "train":
         _, meta = t.run()
@@ -48,7 +53,24 @@ def main(argv):
         state, _ = t.init_or_restore()
         print(json.dumps(t.evaluate(state), indent=1))
     else:
-        raise app.UsageError(f"--config.mode={config.mode!r}: choose train | eval")
+        raise app.UsageError(f"--config.mode={config.mode!r}: choose train | eval | serve")
+
+
+def serve(config):
+    """The config's model with the workdir's latest trained policy (if any) behind the server."""
+    import pathlib
+    from tarl_jax import serve as serve_lib, sharding, trainer
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    tok, cfg, params = trainer.load_model(config.model, mesh, sharding.DEFAULT_RULES, config.seed)
+    if (pathlib.Path(FLAGS.workdir) / "checkpoints").is_dir():
+        cfg, params = serve_lib.load_orbax_policy(FLAGS.workdir, cfg)
+    server = serve_lib.build(tok, cfg, params, cache_len=config.rollout.cache_len,
+                             host=FLAGS.host, port=FLAGS.port)
+    print(f"serving {FLAGS.workdir} at {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
 
 
 if __name__ == "__main__":

@@ -77,7 +77,6 @@ class LockstepEngine:
         self.pending: dict[int, list[int]] = {}
         self.results: dict[int, Any] = {}
         self.live = set(range(slots))
-        self.started: set[int] = set()
         self.cond = threading.Condition()
         self.rounds = 0
         self.generated_tokens = 0

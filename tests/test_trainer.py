@@ -67,3 +67,24 @@ def test_sigkill_then_resume_reproduces_metrics(uninterrupted, tmp_path):
     out = subprocess.run(main_cmd(workdir), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     assert metrics(workdir) == ref
+
+
+def test_serve_mode_answers_with_the_trained_policy(uninterrupted):
+    """`--config.mode=serve` puts the workdir's latest policy behind the OpenAI API."""
+    import openai
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*main_cmd(uninterrupted[0]), "--config.mode=serve", f"--port={port}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in proc.stdout.readline()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=60)
+        out = client.chat.completions.create(model="tarl", max_tokens=8, temperature=0,
+                                             messages=[{"role": "user", "content": "Hi"}])
+        assert out.usage.completion_tokens > 0
+        assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,250 @@
+"""The OpenAI-compatible server through the real `openai` client (and raw HTTP for what the
+client cannot send): the micro preset with random weights and the tiny tokenizer, one server
+for the module; tool calls with a scripted sampler whose output we choose."""
+import argparse
+import concurrent.futures
+import http.client
+import json
+import time
+
+import jax
+import numpy as np
+import openai
+import pytest
+
+from tarl_jax import serve
+from tarl_jax.judge import llm
+from tarl_jax.models import hf, presets, qwen
+from tarl_jax.models.tokenizer import ChatTokenizer, tiny_tokenizer_dir
+from tarl_jax.rl.checkpoint import Checkpointer
+from tarl_jax.sampler import Completion, Sampler
+
+NAME, CACHE = "micro-test", 1024
+CHAT = [{"role": "system", "content": "You are a helpful agent."},
+        {"role": "user", "content": "Where is my order #W123?"}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_order_details", "description": "Look up an order.",
+    "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}},
+                   "required": ["order_id"]}}}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return ChatTokenizer(tiny_tokenizer_dir())
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = presets.get("micro")
+    return cfg, jax.jit(lambda k: qwen.init_params(cfg, k))(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def server(tok, model):
+    srv = serve.build(tok, *model, model_name=NAME, batch=8, cache_len=CACHE, chunk=16, port=0).start()
+    yield srv
+    srv.close()
+
+
+def client(srv, **kw):
+    return openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=60, **kw)
+
+
+def test_chat_round_trip_equals_direct_greedy_sampling(server, tok, model):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == [NAME]
+    resp = c.chat.completions.create(model=NAME, messages=CHAT, tools=TOOLS, max_tokens=24,
+                                     temperature=0)
+    prompt = tok.render(CHAT, TOOLS, add_generation_prompt=True).ids
+    [direct] = Sampler(*model, cache_len=CACHE).generate(
+        [prompt], max_new_tokens=24, temperature=0.0, stop_tokens=tok.stop_ids)
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == tok.parse(direct.tokens).message["content"]
+    assert choice.finish_reason == {"stop": "stop", "length": "length"}[direct.finish_reason]
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (len(prompt), len(direct.tokens))
+    assert resp.object == "chat.completion" and resp.model == NAME
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_stream_concatenates_to_the_non_streamed_reply(server, temperature):
+    c = client(server)
+    kw = dict(model=NAME, messages=CHAT, max_tokens=50, temperature=temperature, seed=3)
+    whole = c.chat.completions.create(**kw)
+    chunks = list(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert len(deltas) >= 3   # one per 16-token chunk, not one at the end
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(server):
+    c = client(server)
+    ask = lambda seed: c.chat.completions.create(
+        model=NAME, messages=CHAT, max_tokens=40, temperature=1.0, seed=seed).choices[0].message.content
+    alone = ask(7)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        crowded = list(pool.map(ask, range(8)))   # seed 7 now shares the batch with 7 others
+    assert crowded[7] == alone
+    assert len(set(crowded)) > 1   # different seeds, different samples
+
+
+def test_fifty_concurrent_requests_are_all_answered(server):
+    c = client(server)
+
+    def ask(i):
+        r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": f"hi {i}"}],
+                                      max_tokens=8, temperature=0.7, seed=i)
+        return r.choices[0].finish_reason, r.usage.completion_tokens
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(ask, range(50), timeout=60))
+    assert len(results) == 50 and all(1 <= n <= 8 for _, n in results)
+    assert all(reason in ("stop", "length") for reason, _ in results)
+    assert time.perf_counter() - start < 60
+
+
+def raw(srv, method, path, body=b"", conn=None):
+    conn = conn or http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)   # one keep-alive
+    ok = dict(model=NAME, messages=CHAT, max_tokens=4)
+    cases = [
+        (b"{not json", 400, None, "invalid_json"),
+        (dict(model=NAME), 400, "messages", "missing_required_parameter"),
+        (dict(model=NAME, messages="hi"), 400, "messages", "invalid_type"),
+        (dict(model=NAME, messages=[{"role": "robot", "content": "x"}]), 400, "messages[0]", None),
+        (dict(ok, temperature="hot"), 400, "temperature", "invalid_type"),
+        (dict(ok, max_tokens=0), 400, "max_tokens", "invalid_value"),
+        (dict(ok, n=2), 400, "n", "invalid_value"),
+        (dict(ok, stream="yes"), 400, "stream", "invalid_type"),
+        (dict(ok, model="gpt-4.1"), 404, "model", "model_not_found"),
+        (dict(ok, messages=[{"role": "user", "content": "word " * 3 * CACHE}]), 400, "messages",
+         "context_length_exceeded"),
+    ]
+    for body, status, param, code in cases:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        got, payload = raw(server, "POST", "/v1/chat/completions", data, conn)
+        err = payload["error"]
+        assert (got, err["param"], err["code"]) == (status, param, code), (body, payload)
+        assert err["type"] == "invalid_request_error" and err["message"]
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405),
+                                 ("DELETE", "/v1/models", 405), ("GET", "/v1/models/other", 404)):
+        assert raw(server, method, path, conn=conn)[0] == status, (method, path)
+    # The openai client sees the same errors as its typed exceptions.
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client(server).chat.completions.create(
+            **dict(ok, messages=[{"role": "user", "content": "x " * CACHE}]))
+    status, payload = raw(server, "POST", "/v1/chat/completions", json.dumps(ok).encode(), conn)
+    assert status == 200 and payload["choices"][0]["message"]["role"] == "assistant"
+
+
+class ScriptedSampler(Sampler):
+    """Replies with fixed ids (in the engine's chunks) instead of sampling: the server's
+    parse -> tool_calls path with an output we choose."""
+
+    def __init__(self, cfg, params, reply: list[int], **kw):
+        super().__init__(cfg, params, **kw)
+        self.reply, self.pos = reply, {}
+
+    def append(self, state, new_tokens):
+        self.pos.update({b: 0 for b, t in enumerate(new_tokens) if len(t)})   # a new request
+        return super().append(state, new_tokens)
+
+    def decode(self, state, *, max_new_tokens, **_):
+        outs = []
+        for b, m in enumerate(max_new_tokens):
+            p = self.pos.get(b, 0)
+            ids = self.reply[p:p + m] if m > 0 else []
+            self.pos[b] = p + len(ids)
+            done = bool(ids) and self.pos[b] == len(self.reply)
+            outs.append(Completion(ids, [0.0] * len(ids), "stop" if done else "length"))
+        return state, outs
+
+
+@pytest.fixture(scope="module")
+def tool_server(tok, model):
+    call = {"name": "get_order_details", "arguments": {"order_id": "#W123"}}
+    reply = tok.encode_reply({"role": "assistant", "content": "Let me look that up.",
+                              "tool_calls": [{"function": call}]})
+    engine = serve.Engine(ScriptedSampler(*model, reply, cache_len=CACHE), tok.stop_ids, batch=2, chunk=4)
+    srv = serve.ChatServer(engine, tok, NAME, port=0).start()
+    yield srv
+    srv.close()
+
+
+def test_tool_calls_in_the_shape_tau_bench_consumes(tool_server):
+    c = client(tool_server)
+    resp = c.chat.completions.create(model=NAME, messages=CHAT, tools=TOOLS, temperature=0.0)
+    assert resp.choices[0].finish_reason == "tool_calls"
+    # tau-bench's tool-calling agent: message.model_dump() goes into its history, and the first
+    # call becomes Action(name, json.loads(arguments)).
+    message = resp.choices[0].message.model_dump()
+    assert message["role"] == "assistant" and message["content"] == "Let me look that up."
+    [call] = message["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_order_details"
+    assert isinstance(call["function"]["arguments"], str)
+    assert json.loads(call["function"]["arguments"]) == {"order_id": "#W123"}
+    # Its next request carries that message back with the tool's result.
+    follow = CHAT + [message, {"role": "tool", "tool_call_id": call["id"], "name": "get_order_details",
+                               "content": '{"status": "delivered"}'}]
+    again = c.chat.completions.create(model=NAME, messages=follow, tools=TOOLS)
+    assert again.usage.prompt_tokens > resp.usage.prompt_tokens
+    # Streaming: text deltas, then the calls in the final delta.
+    chunks = list(c.chat.completions.create(model=NAME, messages=CHAT, tools=TOOLS, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Let me look that up."
+    [final] = [ch.choices[0] for ch in chunks if ch.choices[0].finish_reason]
+    assert final.finish_reason == "tool_calls"
+    assert final.delta.tool_calls[0].function.name == "get_order_details"
+    assert final.delta.tool_calls[0].id.startswith("call_") and final.delta.tool_calls[0].index == 0
+
+
+def test_llm_judge_against_the_server_falls_back_without_losing_samples(server, tmp_path):
+    task = {"instruction": "Return order #W1.", "domain": "retail", "outputs": [], "user_id": "u",
+            "actions": [{"name": "get_order_details", "kwargs": {"order_id": "#W1"}}]}
+    items = [(task, [{"role": "user", "content": "hi"}] +
+              [{"role": "assistant", "content": f"turn {t}"} for t in range(n)]) for n in (1, 2, 3)]
+    out, stats = llm.judge_batch(items, dict(base_url=server.url, api_key="x", model=NAME,
+                                             max_tokens=8, max_repairs=1, max_retries=0, timeout=60,
+                                             cache_dir=str(tmp_path)))
+    # Random weights never write a verdict: each item is asked, re-asked once, then rule-judged.
+    assert [len(j.scores) for j in out] == [1, 2, 3]
+    assert all(j.source == "rule" and "invalid answer" in j.meta["error"] for j in out)
+    assert stats["requests"] == 6 and stats["invalid_answers"] == 6 and stats["repairs"] == 3
+    assert stats["fallbacks"] == 3 and stats["dropped"] == 0 and stats["transport_retries"] == 0
+    assert stats["tokens_in"] > 0 and 0 < stats["tokens_out"] <= 6 * 8
+
+
+def test_checkpoint_sources_orbax_policy_only_and_hf(tmp_path, tok):
+    cfg = presets.get("micro")
+    params = jax.jit(lambda k: qwen.init_params(cfg, k))(jax.random.key(1))
+    ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"))
+    state = {"step": np.int32(3), "params": {"policy": params},
+             "opt_state": {"mu": jax.tree.map(np.zeros_like, params)}}
+    ckpt.save(3, state, {"history": []}, force=True)
+    ckpt.close()
+    hf.export_hf(params, cfg, tmp_path / "hf")
+    none = dict(orbax=None, hf=None, gguf=None, preset=None, arch="micro", step=None, tokenizer=None,
+                dtype="float32", seed=0)
+    for source in (dict(orbax=str(tmp_path / "run")), dict(hf=str(tmp_path / "hf"))):
+        loaded_tok, loaded_cfg, loaded = serve.load_model(argparse.Namespace(**{**none, **source}))
+        assert loaded_cfg == cfg and loaded_tok.vocab_size == tok.vocab_size, source
+        assert jax.tree.all(jax.tree.map(np.array_equal, loaded, params)), source
+
+
+def test_streamable_content_never_runs_ahead_of_the_parse():
+    assert serve.streamable_content("Hello wor") == "Hello wor"
+    assert serve.streamable_content("Sure.\n<tool_") == "Sure."
+    assert serve.streamable_content("Sure.\n<tool_call>\n{") == "Sure."
+    assert serve.streamable_content("<think>\nhmm") == ""
+    assert serve.streamable_content("<think>\nhmm\n</think>\n\nOK<|im") == "OK"
