@@ -166,9 +166,10 @@ def _config(cfg, from_file: Callable[..., qwen.DecoderConfig], overrides, dtype)
     return cfg if dtype is None else dataclasses.replace(cfg, param_dtype=jnp.dtype(dtype).name)
 
 
-def _load(cfg, tensors: dict[str, tuple[tuple[int, ...], Callable]], source: str, column: int,
-          mesh, rules):
-    """tensors: name -> (shape, get(hf_index) -> np.ndarray). Returns the param tree."""
+def load_tensors(cfg, tensors: dict[str, tuple[tuple[int, ...], Callable]], source: str,
+                 column: int, mesh, rules):
+    """tensors: name -> (shape, get(hf_index) -> np.ndarray); column: HF or GGUF names of the
+    table. Returns the decoder param tree on its shardings (also used by the Omni thinker)."""
     dtype = jnp.dtype(cfg.param_dtype)
     abstract = nn.unbox(qwen.boxed_params(cfg))
     shardings = _target_shardings(cfg, abstract, mesh, rules)
@@ -215,7 +216,7 @@ def _load_leaf(shape, sharding, names, stacked, lay, tensors, dtype, path):
     return jax.make_array_from_callback(shape, sharding, lambda idx: blocks[key(idx)])
 
 
-def _safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
+def safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         return [model_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
@@ -238,7 +239,7 @@ def load_hf(model_dir, cfg: qwen.DecoderConfig | None = None, mesh=None, rules=N
     cfg = _config(cfg, read, overrides, dtype)
     with contextlib.ExitStack() as stack:
         tensors = {}
-        for path in _safetensors_files(model_dir):
+        for path in safetensors_files(model_dir):
             f = stack.enter_context(safe_open(path, framework="numpy"))
             for name in f.keys():
                 lazy = f.get_slice(name)
@@ -246,7 +247,7 @@ def load_hf(model_dir, cfg: qwen.DecoderConfig | None = None, mesh=None, rules=N
         if cfg.tie_embeddings:
             # transformers drops the tied copy on save, but some exporters keep it.
             tensors.pop("lm_head.weight", None)
-        return cfg, _load(cfg, tensors, str(model_dir), HF, mesh, rules)
+        return cfg, load_tensors(cfg, tensors, str(model_dir), HF, mesh, rules)
 
 
 # ----------------------------------------------------------------------------- export
@@ -391,4 +392,4 @@ def load_gguf(path, cfg: qwen.DecoderConfig | None = None, mesh=None, rules=None
 
     # numpy shape is GGUF's dims reversed, i.e. the HF [out, in] layout.
     tensors = {t.name: (tuple(int(n) for n in reversed(t.shape)), getter(t)) for t in reader.tensors}
-    return cfg, _load(cfg, tensors, str(path), GGUF, mesh, rules)
+    return cfg, load_tensors(cfg, tensors, str(path), GGUF, mesh, rules)

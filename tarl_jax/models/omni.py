@@ -279,15 +279,6 @@ def _load_audio(cfg: ThinkerConfig, tensors, prefix, source, mesh, rules):
     return params
 
 
-def _checkpoint_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        return [model_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if not (model_dir / "model.safetensors").exists():
-        raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json")
-    return [model_dir / "model.safetensors"]
-
-
 def load_thinker(model_dir, cfg: ThinkerConfig | None = None, mesh=None, rules=None, dtype=None):
     """Load the thinker from an HF checkpoint directory: a full Qwen2.5-Omni one (`thinker.*`,
     talker/token2wav/visual skipped) or a thinker saved alone; single or sharded safetensors.
@@ -302,14 +293,14 @@ def load_thinker(model_dir, cfg: ThinkerConfig | None = None, mesh=None, rules=N
                                   text=dataclasses.replace(cfg.text, param_dtype=name))
     with contextlib.ExitStack() as stack:
         lazy = {}
-        for path in _checkpoint_files(model_dir):
+        for path in hf.safetensors_files(model_dir):
             f = stack.enter_context(safe_open(path, framework="numpy"))
             lazy.update((n, f.get_slice(n)) for n in f.keys())
         prefix, audio_names, decoder_names = _split_names(list(lazy), str(model_dir))
         tensors = {n[len(prefix):]: (tuple(lazy[n].get_shape()), lazy[n].__getitem__) for n in decoder_names}
         if cfg.text.tie_embeddings:
             tensors.pop("lm_head.weight", None)
-        decoder = hf._load(cfg.text, tensors, str(model_dir), hf.HF, mesh, rules)
+        decoder = hf.load_tensors(cfg.text, tensors, str(model_dir), hf.HF, mesh, rules)
         audio_params = _load_audio(cfg, {n: lazy[n] for n in audio_names}, prefix, str(model_dir), mesh, rules)
     return cfg, {"audio_tower": audio_params, "model": decoder}
 
