@@ -58,6 +58,11 @@ def get_config(arg: str | None = None):
                    weight_decay=0.0)
     c.warmstart = dict(steps=60, lr=3e-3, episodes=96, batch_rows=4, seq_len=2048, warmup_steps=5)
 
+    if args.taubench:
+        # tau-bench's own policy text makes the first prompt ~2k tokens: longer contexts.
+        c.rollout.cache_len = 8192
+        c.pack.seq_lens = (4096, 8192)
+        c.warmstart.seq_len = 8192
     if args.runlocal:
         c.total_steps, c.eval_every, c.checkpoint_every = 2, 2, 1
         c.world.synth.num_tasks, c.world.eval_tasks = 40, 4

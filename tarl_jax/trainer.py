@@ -290,6 +290,9 @@ class Trainer:
             pick = rng.choice(len(ok), size=min(rows, len(ok)), replace=False)
             batch = pack.pack([ok[j] for j in pick], np.ones(len(pick), np.float32),
                               seq_lens=(c.seq_len,), rows=(rows,), overflow="truncate")
+            if not batch.stats["policy_tokens"]:
+                log.warning("warm start step %d: no assistant token within warmstart.seq_len=%d "
+                            "(the prompts are longer); raise it", i, c.seq_len)
             state, m = fn(state, step_lib.device_batch(batch.arrays, step_lib.BATCH_KEYS, self.mesh,
                                                        self.rules), jax.random.key(i))
             losses_seen.append(float(m["loss"]))
@@ -382,6 +385,8 @@ class Trainer:
             "time/rollout_s": t_roll,
             "rollout/gen_tokens": rstats["generated_tokens"], "rollout/rounds": rstats["rounds"],
             "rollout/agent_turns": float(np.mean([len(ep.agent_turns) for ep in episodes])),
+            # e.g. the dialogue outgrew rollout.cache_len (ContextFull): worth a look when > 0
+            "rollout/agent_error": float(np.mean([ep.termination == "agent_error" for ep in episodes])),
             "rollout/malformed": float(np.mean([sum(v for k, v in ep.counters.items()
                                                     if k.startswith("malformed")) for ep in episodes])),
             "pack/fill": packed.stats["fill"], "pack/truncated": packed.stats["truncated"],
