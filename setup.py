@@ -33,6 +33,8 @@ setup(
     ],
     extras_require={
         # torch is the numerical reference only; pinned because an unpinned torch pulls a CUDA build.
-        "test": ["pytest>=8", "hypothesis>=6", "torch==2.13.0"],
+        "test": ["pytest>=8", "hypothesis>=6", "torch==2.13.0",
+                 # the Colab notebooks are executed by the suite
+                 "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
     },
 )

@@ -251,6 +251,9 @@ class Trainer:
             abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                     abstract, self.state_sh)
             state, meta = self.ckpt.restore(abstract)
+            if self.config.rl.kl_coef:
+                self.ref_params = ckpt_lib.restore_params(self.workdir / "reference",
+                                                          abstract["params"]["policy"])
             log.info("resumed from step %d in %s", latest, self.ckpt.directory)
             return state, meta
         params = self._initial_params
@@ -259,6 +262,12 @@ class Trainer:
             params, sft = self.warm_start(params)
             meta["warmstart"] = sft
         state = step_lib.init_state(params, self.optimizer, self.model_cfg, self.ppo, self.state_sh)
+        if self.config.rl.kl_coef:
+            # The KL anchor is the policy RL starts from (after the warm start), kept on disk so
+            # a resumed run anchors to the same weights.
+            # A copy: the train step donates (reuses) the state's buffers.
+            self.ref_params = jax.tree.map(lambda x: x.copy(), state["params"]["policy"])
+            ckpt_lib.save_params(self.workdir / "reference", self.ref_params)
         meta["evals"].append({"step": 0, **self.evaluate(state)})
         self.ckpt.save(0, state, meta, force=True)
         return state, meta
@@ -377,7 +386,7 @@ class Trainer:
             _, values = self.score(state["params"], batch)
             batch["values"] = values
         if c.rl.kl_coef:
-            ref_logp, _ = self.score({"policy": self._initial_params}, batch)
+            ref_logp, _ = self.score({"policy": self.ref_params}, batch)
             batch["ref_logprobs"] = ref_logp
         for epoch in range(c.rl.epochs):
             state, m = self.train_step(state, batch, jax.random.fold_in(key, epoch))

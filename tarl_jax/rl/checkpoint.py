@@ -50,3 +50,14 @@ class Checkpointer:
 def abstract_like(state: Any) -> Any:
     """ShapeDtypeStructs (with shardings) describing a live state: the restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def save_params(path, params: Any) -> None:
+    """A one-off parameter tree (e.g. the KL reference policy), written synchronously."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(path), params, force=True)
+
+
+def restore_params(path, abstract: Any) -> Any:
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.abspath(path), abstract)
