@@ -164,6 +164,12 @@ def score_episodes(episodes, tasks, config) -> tuple[np.ndarray, np.ndarray | No
             judgements[i] = j  # None: dropped by the configured fallback, outcome-only reward
         metrics.update({f"judge/{k}": float(v) for k, v in stats.items()
                         if isinstance(v, (int, float))})
+        # The rule judge as a free yardstick: how far does the LLM judge agree with it?
+        agree = reliability.judge_agreement(
+            [judgements[i] for i in judged], [rule_judge.judge(tasks[i], episodes[i]) for i in judged])
+        for key in ("turn_exact_agreement", "turn_kappa", "neg_presence_agreement"):
+            if agree[key] is not None:
+                metrics[f"judge/llm_vs_rule/{key}"] = float(agree[key])
     w = dict(config.reward)
     rewards, per_turn = [], []
     for ep, j, o in zip(episodes, judgements, outcomes):
