@@ -7,7 +7,8 @@ setup(
     description="Turn-level Adjudicated RL (TARL) for tool-use agents in JAX/Flax",
     packages=find_packages(include=["tarl_jax", "tarl_jax.*"]),
     package_data={"tarl_jax": ["assets/*", "assets/**/*"]},
-    python_requires=">=3.11,<3.12",
+    # Tested on 3.11 (CI) and 3.12 (Colab's). Every pin resolves on 3.13 too, but it is untested.
+    python_requires=">=3.11,<3.13",
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",
@@ -30,6 +31,13 @@ setup(
         "math-verify==0.9.0",
         # Sandbox tools served to external agents over the Model Context Protocol.
         "mcp==2.3.0",
+        # RL curriculum: task datasets as TFDS builders written to array_record, read with grain
+        # (neither needs TensorFlow). tensorflow-datasets 4.9.10 imports importlib_resources on
+        # every Python but declares it only below 3.9.
+        "tensorflow-datasets==4.9.10",
+        "grain==0.2.18",
+        "array-record==0.8.6",
+        "importlib-resources==7.1.0",
     ],
     extras_require={
         # torch is the numerical reference only; pinned because an unpinned torch pulls a CUDA build.

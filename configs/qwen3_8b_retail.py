@@ -18,7 +18,7 @@ def get_config(arg: str | None = None):
     c = configlib.load(str(pathlib.Path(__file__).with_name("tiny.py")), arg)
     c.total_steps, c.eval_every, c.checkpoint_every = 200, 20, 10
     c.model.update(preset="qwen3-8b", tokenizer="qwen3", dtype="bfloat16", scan_layers=True,
-                   remat="dots_no_batch")
+                   remat="dots_no_batch", attn_chunk=1024)  # 12k-token rows: blocked attention
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     c.world.update(source="taubench", data_dir=c.world.data_dir or "../shared/taubench",
                    eval_tasks=115, tool_view="full", reward_variant="tarl", max_steps=30,

@@ -8,6 +8,7 @@ offline user) on a synthetic retail world the project generates; pass^1 on held-
 tasks is measured before and after. Arguments (`configs/tiny.py:ARG`, comma separated):
   algo=grpo|rloo|dr_grpo|ppo   credit=trajectory|per_turn   judge=rule|none   math=0.25
   runlocal                     an even smaller run (a minute; used by tests)
+  table                        the budget of `python -m tarl_jax.bench.table` (16 held-out tasks, shorter)
   taubench=DIR                 real tau-bench retail train/test tasks from DIR (../shared/taubench)
 """
 import ml_collections
@@ -20,7 +21,7 @@ BRIEF = ("You are a customer service agent of an online store. Identify the user
 
 def get_config(arg: str | None = None):
     args = configlib.parse_arg(arg, algo="grpo", credit="trajectory", judge="rule", math=0.0,
-                               runlocal=False, taubench="")
+                               runlocal=False, table=False, taubench="")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.mode = "train"                       # train | eval | serve
@@ -30,8 +31,11 @@ def get_config(arg: str | None = None):
     c.checkpoint_every = 2
     c.save_episodes = True                 # workdir/episodes/step*_host*.jsonl
 
+    # tokenizer: tiny | qwen3 | hf (hf_dir's own) | a directory.
+    # audio: "" text only; an audio preset (tiny) or "hf" (hf_dir is a Qwen2.5-Omni checkpoint)
+    # gives the policy ears for speech batches (see configs/tiny_speech.py).
     c.model = dict(preset="tiny", hf_dir="", gguf="", tokenizer="tiny", dtype="float32",
-                   scan_layers=False, remat="none")
+                   scan_layers=False, remat="none", attn_chunk=0, audio="")
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.rules = ml_collections.config_dict.placeholder(tuple)  # None: sharding.DEFAULT_RULES
 
@@ -41,13 +45,24 @@ def get_config(arg: str | None = None):
                    # A tiny model cannot use a 600-token policy; tau-bench runs keep the policy.
                    system_prompt=BRIEF if not args.taubench else "")
     c.math = dict(fraction=float(args.math), source="reasoning_gym:basic_arithmetic", size=200)
+    # Batch kinds cycled by step (text | speech | math, `text*3,math` repeats); empty: every
+    # round(1 / math.fraction)-th batch is math. Datasets go to data_dir (empty: <workdir>/data).
+    c.curriculum = dict(schedule="", warmup_steps=0, warmup_schedule="text", data_dir="")
+    # Speech batches: TTS engine (espeak-ng | flite | openai), its on-disk cache, optional
+    # tau2-style conditions, and how many utterances' waves/embeddings stay in memory.
+    # (base_url, model, api_key_env: the openai engine's endpoint).
+    c.speech = dict(engine="espeak-ng", cache_dir="", snr_db=ml_collections.config_dict.placeholder(float),
+                    telephony=False, max_items=4096, base_url="", model="",
+                    api_key_env="OPENAI_API_KEY")
     c.user = dict(kind="offline", base_url="", model="", api_key_env="OPENAI_API_KEY",
                   temperature=0.0)
 
     c.rollout = dict(tasks_per_step=3, samples_per_task=4, temperature=1.0, top_p=1.0, top_k=0,
                      max_turn_tokens=48, cache_len=2048, eval_temperature=0.0, eval_samples=1)
+    # llm.repeats > 1: judge each trajectory that many times (distinct seeds; temperature > 0),
+    # reward the per-turn majority vote and log judge/repeat_* self-consistency metrics.
     c.judge = dict(kind=args.judge, llm=dict(base_url="", model="", max_concurrency=8,
-                                             fallback="rule"))
+                                             fallback="rule", repeats=1, temperature=0.0))
     c.reward = dict(w_out=10.0, w_neg=5.0, w_pos=5.0)
     c.rl = dict(algo=args.algo, credit=args.credit, policy_loss="ppo", clip_low=0.2, clip_high=0.2,
                 agg="token_mean", kl_coef=0.0, kl_estimator="k3", gamma=1.0, lam=0.95,
@@ -63,6 +78,13 @@ def get_config(arg: str | None = None):
         c.rollout.cache_len = 8192
         c.pack.seq_lens = (4096, 8192)
         c.warmstart.seq_len = 8192
+    if args.table:
+        # 12 runs on 2 CPU cores shared with other jobs: a shorter warm start and RL, more
+        # held-out tasks (pass^1 in steps of 1/16); a checkpoint every step for cheap resume.
+        c.total_steps, c.eval_every, c.checkpoint_every = 4, 4, 1
+        c.world.eval_tasks = 16
+        c.rollout.tasks_per_step = 2
+        c.warmstart.steps = 30
     if args.runlocal:
         c.total_steps, c.eval_every, c.checkpoint_every = 2, 2, 1
         c.world.synth.num_tasks, c.world.eval_tasks = 40, 4

@@ -50,7 +50,7 @@ def main(argv):
         if jax.process_index() == 0:
             print(json.dumps({"evals": meta["evals"], "warmstart": meta.get("warmstart")}, indent=1))
     elif config.mode == "eval":
-        state, _ = t.init_or_restore()
+        state, _ = t.init_or_restore(resume_curriculum=False)
         print(json.dumps(t.evaluate(state), indent=1))
     else:
         raise app.UsageError(f"--config.mode={config.mode!r}: choose train | eval | serve")
@@ -64,8 +64,11 @@ def serve(config):
     tok, cfg, params = trainer.load_model(config.model, mesh, sharding.DEFAULT_RULES, config.seed)
     if (pathlib.Path(FLAGS.workdir) / "checkpoints").is_dir():
         cfg, params = serve_lib.load_orbax_policy(FLAGS.workdir, cfg)
+    # Prompts and reply caps as rollouts make them (no <think>, max_turn_tokens a turn): outside
+    # harnesses never send max_tokens, and an untrained policy would otherwise fill the cache.
     server = serve_lib.build(tok, cfg, params, cache_len=config.rollout.cache_len,
-                             host=FLAGS.host, port=FLAGS.port)
+                             host=FLAGS.host, port=FLAGS.port, enable_thinking=False,
+                             max_tokens=config.rollout.max_turn_tokens)
     print(f"serving {FLAGS.workdir} at {server.url}", flush=True)
     try:
         server.serve_forever()

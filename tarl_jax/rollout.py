@@ -10,6 +10,9 @@ exactly the live episodes, which makes rollouts deterministic for a seed.
 Token accounting: a row's cache holds exactly the stream the agent records, prompt_ids (system
 prompt with tools, then each rendered user/tool turn) followed by token_ids (what it sampled),
 so the learner trains on the very ids the policy saw and produced.
+
+Speech mode (`speech=SpeechView`): user turns reach the policy as audio placeholders; each turn
+records the utterances it heard (`AgentTurn.audio`) and the engine prefills their embeddings.
 """
 from __future__ import annotations
 
@@ -67,14 +70,14 @@ TOOL_VIEWS = {"full": lambda tools: tools, "compact": compact_tools, "minimal": 
 
 class LockstepEngine:
     def __init__(self, sampler: Sampler, tokenizer: ChatTokenizer, slots: int, cfg: DecodeConfig,
-                 rng: jax.Array, episode_ids: Sequence[int] | None = None):
-        self.sampler, self.tok, self.cfg = sampler, tokenizer, cfg
+                 rng: jax.Array, episode_ids: Sequence[int] | None = None, speech=None):
+        self.sampler, self.tok, self.cfg, self.speech = sampler, tokenizer, cfg, speech
         self.slots = slots
         # Row b's key in round r is fold_in(fold_in(rng, episode id), r): an episode samples the
         # same tokens whichever batch, host or slot it runs in.
         ids = jax.numpy.arange(slots) if episode_ids is None else jax.numpy.asarray(episode_ids)
         self.episode_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, ids)
-        self.pending: dict[int, list[int]] = {}
+        self.pending: dict[int, tuple[list[int], list[str]]] = {}
         self.results: dict[int, Any] = {}
         self.live = set(range(slots))
         self.cond = threading.Condition()
@@ -83,9 +86,10 @@ class LockstepEngine:
         self.error: Exception | None = None   # a failed batched call fails every waiting episode
 
     # Called from episode threads.
-    def generate(self, slot: int, new_ids: list[int]):
+    def generate(self, slot: int, new_ids: list[int], audio: Sequence[str] = ()):
+        """audio: refs of the utterances whose placeholders are in new_ids, in order."""
         with self.cond:
-            self.pending[slot] = new_ids
+            self.pending[slot] = (new_ids, list(audio))
             self.cond.notify_all()
             while slot not in self.results and self.error is None:
                 self.cond.wait()
@@ -120,10 +124,11 @@ class LockstepEngine:
                     return
                 requests, self.pending = dict(self.pending), {}
             new = [[] for _ in range(self.slots)]
+            refs: list[list[str]] = [[] for _ in range(self.slots)]
             max_new = [0] * self.slots
             errors = {}
             lengths = [0] * self.slots if state is None else jax.device_get(state.length).tolist()
-            for slot, ids in requests.items():
+            for slot, (ids, heard) in requests.items():
                 room = cache_len - lengths[slot] - len(ids)
                 if room < 2:  # need the prompt plus at least one sampled token and its slot
                     errors[slot] = ContextFull(
@@ -131,11 +136,16 @@ class LockstepEngine:
                         f"cache_len={cache_len}")
                     continue
                 new[slot], max_new[slot] = ids, min(self.cfg.max_turn_tokens, room - 1)
+                refs[slot] = heard
+            audio = None
+            if any(refs):
+                # One encoder call for every utterance of the round (cached ones are free).
+                audio = [self.speech.stream(r) for r in refs]
             if state is None:
                 # First round: every row starts; rows without a prompt get one pad token.
-                state = self.sampler.start([ids or [self.tok.pad_id] for ids in new])
+                state = self.sampler.start([ids or [self.tok.pad_id] for ids in new], audio)
             else:
-                state = self.sampler.append(state, new)
+                state = self.sampler.append(state, new, audio)
             state, outs = self.sampler.decode(
                 state, max_new_tokens=max_new, temperature=self.cfg.temperature,
                 top_p=self.cfg.top_p, top_k=self.cfg.top_k, stop_tokens=self.tok.stop_ids,
@@ -152,35 +162,44 @@ class LockstepEngine:
 class _Stream:
     """The ids a policy is fed: the first prompt in full, then only what each turn adds."""
 
-    def __init__(self, tok: ChatTokenizer, tool_view: Callable, enable_thinking: bool):
+    def __init__(self, tok: ChatTokenizer, tool_view: Callable, enable_thinking: bool,
+                 speech=None, user_id: str = ""):
         self.tok, self.tool_view, self.enable_thinking = tok, tool_view, enable_thinking
+        self.speech, self.user_id = speech, user_id
         self.seen = 0            # messages already in the stream
         self.cut = False         # last turn hit the token limit: close it before appending
 
-    def prompt(self, messages: list[dict], tools: list[dict]) -> list[int]:
+    def prompt(self, messages: list[dict], tools: list[dict]) -> tuple[list[int], list[str]]:
+        """(ids to feed, refs of the utterances heard in them)."""
+        new = messages[self.seen:]
+        refs: list[str] = []
+        if self.speech is not None:
+            new, refs = self.speech.speak_messages(new, self.user_id)
         if self.seen == 0:
-            ids = self.tok.render(messages, self.tool_view(tools) if tools else None,
+            ids = self.tok.render(new, self.tool_view(tools) if tools else None,
                                   add_generation_prompt=True,
                                   enable_thinking=self.enable_thinking).ids
         else:
             # The assistant message at `seen - 1` is our own reply, already in the stream.
-            ids = self.tok.render_append(messages[self.seen:], enable_thinking=self.enable_thinking,
+            ids = self.tok.render_append(new, enable_thinking=self.enable_thinking,
                                          close_turn=self.cut)
         self.seen = len(messages) + 1
-        return ids
+        return ids, refs
 
 
 class PolicyAgent:
     """The agent callable of one episode (one sampler row)."""
 
-    def __init__(self, engine: LockstepEngine, slot: int, tool_view: Callable = compact_tools):
+    def __init__(self, engine: LockstepEngine, slot: int, tool_view: Callable = compact_tools,
+                 user_id: str = ""):
         self.engine, self.slot = engine, slot
-        self.stream = _Stream(engine.tok, tool_view, engine.cfg.enable_thinking)
+        self.stream = _Stream(engine.tok, tool_view, engine.cfg.enable_thinking, engine.speech,
+                              user_id)
 
     def __call__(self, messages: list[dict], tools: list[dict]) -> AgentReply:
         tok = self.engine.tok
-        prompt = self.stream.prompt(messages, tools)
-        completion = self.engine.generate(self.slot, prompt)
+        prompt, heard = self.stream.prompt(messages, tools)
+        completion = self.engine.generate(self.slot, prompt, heard)
         self.stream.cut = completion.finish_reason != "stop"
         parsed = tok.parse(completion.tokens, call_id_prefix=f"call_{len(messages)}")
         message = dict(parsed.message)
@@ -188,7 +207,7 @@ class PolicyAgent:
             # Recorded on the message so the episode runner can answer with an error observation.
             message["parse_errors"] = list(parsed.errors)
         return AgentReply(message=message, prompt_ids=prompt, token_ids=completion.tokens,
-                          logprobs=completion.logprobs)
+                          logprobs=completion.logprobs, audio=heard or None)
 
 
 class TeacherAgent:
@@ -196,31 +215,36 @@ class TeacherAgent:
     and would have generated for its messages: warm-start data in exactly the rollout format."""
 
     def __init__(self, agent: Callable, tok: ChatTokenizer, tool_view: Callable = compact_tools,
-                 enable_thinking: bool = False):
+                 enable_thinking: bool = False, speech=None, user_id: str = ""):
         self.agent, self.tok = agent, tok
-        self.stream = _Stream(tok, tool_view, enable_thinking)
+        self.stream = _Stream(tok, tool_view, enable_thinking, speech, user_id)
 
     def __call__(self, messages: list[dict], tools: list[dict]) -> AgentReply:
         reply = self.agent(messages, tools)
         message = reply.message if isinstance(reply, AgentReply) else reply
-        prompt = self.stream.prompt(messages, tools)
+        prompt, heard = self.stream.prompt(messages, tools)
         return AgentReply(message=message, prompt_ids=prompt,
-                          token_ids=self.tok.encode_reply(message), logprobs=None)
+                          token_ids=self.tok.encode_reply(message), logprobs=None,
+                          audio=heard or None)
 
 
 def run_batch(tasks: Sequence, run_one: Callable[[Any, Callable], Episode], sampler: Sampler,
               tokenizer: ChatTokenizer, cfg: DecodeConfig, rng: jax.Array,
               tool_view: Callable = compact_tools,
-              episode_ids: Sequence[int] | None = None) -> tuple[list[Episode], dict]:
+              episode_ids: Sequence[int] | None = None, speech=None) -> tuple[list[Episode], dict]:
     """Episodes for `tasks` (in order) with one lockstep engine; `run_one(task, agent)` runs
     one episode (e.g. run_episode with its env and user). `episode_ids` (default 0..n-1) seed
-    each episode's sampling. Returns (episodes, stats)."""
-    engine = LockstepEngine(sampler, tokenizer, len(tasks), cfg, rng, episode_ids)
+    each episode's sampling. `speech`: a SpeechView, the users speak (mode "speech").
+    Returns (episodes, stats)."""
+    engine = LockstepEngine(sampler, tokenizer, len(tasks), cfg, rng, episode_ids, speech)
 
     def one(slot_task):
         slot, task = slot_task
         try:
-            return run_one(task, PolicyAgent(engine, slot, tool_view))
+            ep = run_one(task, PolicyAgent(engine, slot, tool_view, getattr(task, "user_id", "")))
+            if speech is not None:
+                mark_speech(ep)
+            return ep
         finally:
             engine.finish(slot)
 
@@ -229,3 +253,14 @@ def run_batch(tasks: Sequence, run_one: Callable[[Any, Callable], Episode], samp
         engine.serve()
         episodes = list(futures)
     return episodes, {"rounds": engine.rounds, "generated_tokens": engine.generated_tokens}
+
+
+def mark_speech(ep: Episode) -> None:
+    """Mode "speech", and each user EnvTurn's `audio` = the refs the agent heard for it (every
+    user message is heard once, in order, by the turn that follows it)."""
+    heard = [r for t in ep.agent_turns for r in (t.audio or [])]
+    users = [t for t in ep.turns if getattr(t, "kind", None) == "user"]
+    # The last user message (e.g. ###STOP###) may never have been heard by an agent turn.
+    for turn, ref in zip(users, heard):
+        turn.audio = [ref]
+    ep.mode = "speech"

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarl_jax.models import qwen
+from tarl_jax.models import omni, qwen
 
 RUNNING, STOP, LENGTH, CACHE_FULL = 0, 1, 2, 3
 REASONS = {STOP: "stop", LENGTH: "length", CACHE_FULL: "cache_full"}
@@ -61,14 +61,22 @@ def init_state(cfg: qwen.DecoderConfig, batch: int, cache_len: int, cache_dtype=
                        jnp.zeros((batch, cfg.hidden_size), jnp.dtype(cfg.dtype)))
 
 
-def append(model: qwen.Decoder, params, state: DecodeState, tokens, num_new) -> DecodeState:
+def append(model: qwen.Decoder, params, state: DecodeState, tokens, num_new, audio=None,
+           audio_token_id: int = -1) -> DecodeState:
     """Write tokens[b, :num_new[b]] at positions length[b], length[b] + 1, ... of row b.
 
     Rows with num_new == 0 are untouched. The caller guarantees the tokens fit in the cache.
+    `audio` [B, A, D]: embeddings that replace row b's `audio_token_id` placeholders, in order.
     """
     idx = jnp.arange(tokens.shape[1])[None]
     positions = jnp.where(idx < num_new[:, None], state.length[:, None] + idx, qwen.PAD_POSITION)
-    hidden, cache = model.apply({"params": params}, tokens, positions, cache=state.cache)
+    embeds = None
+    if audio is not None:
+        embeds = omni.merge_audio_rows(
+            model.apply({"params": params}, tokens, method=qwen.Decoder.embed), tokens, audio,
+            audio_token_id)
+    hidden, cache = model.apply({"params": params}, tokens, positions, cache=state.cache,
+                                embeds=embeds)
     last = jnp.take_along_axis(hidden, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]
     hidden = jnp.where((num_new > 0)[:, None], last, state.hidden)
     return DecodeState(cache, state.length + num_new, hidden)
@@ -142,7 +150,8 @@ def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, to
 
 # Module-level, keyed on the (hashable) Decoder: every Sampler of one config shares the compiles,
 # so a sampler made per episode costs no recompilation.
-_append_jit = jax.jit(append, static_argnums=0, donate_argnums=2)
+_append_jit = jax.jit(append, static_argnums=0, donate_argnums=2,
+                      static_argnames=("audio_token_id",))
 _decode_jit = jax.jit(decode, static_argnums=0, donate_argnums=2,
                       static_argnames=("steps", "truncate"))
 
@@ -195,14 +204,16 @@ class Sampler:
     """
 
     def __init__(self, cfg: qwen.DecoderConfig, params, *, cache_len: int = 4096, cache_dtype=None,
-                 logprobs: str = "tempered", prefill_chunk: int = 1024, min_bucket: int = 16):
+                 logprobs: str = "tempered", prefill_chunk: int = 1024, min_bucket: int = 16,
+                 audio_token_id: int | None = None):
         if logprobs not in LOGPROB_MODES:
             raise ValueError(f"logprobs={logprobs!r}: choose one of {LOGPROB_MODES}")
         self.cfg, self.params, self.cache_len, self.cache_dtype = cfg, params, cache_len, cache_dtype
         self.logprobs, self.prefill_chunk, self.min_bucket = logprobs, prefill_chunk, min_bucket
+        self.audio_token_id = audio_token_id   # the Omni thinker's <|AUDIO|>; None: text only
         self.model = qwen.Decoder(cfg)
 
-    def start(self, prompts: Sequence[Sequence[int]]) -> DecodeState:
+    def start(self, prompts: Sequence[Sequence[int]], audio=None) -> DecodeState:
         """A fresh state holding one prompt per row (every prompt needs >= 1 token)."""
         empty = [b for b, p in enumerate(prompts) if len(p) == 0]
         if empty:
@@ -211,10 +222,15 @@ class Sampler:
         if too_long:
             raise ValueError(f"prompts: (row, length) {too_long} exceed cache_len={self.cache_len}")
         state = init_state(self.cfg, len(prompts), self.cache_len, self.cache_dtype)
-        return self.append(state, prompts)
+        return self.append(state, prompts, audio)
 
-    def append(self, state: DecodeState, new_tokens: Sequence[Sequence[int]]) -> DecodeState:
-        """Append new_tokens[b] (possibly empty) to row b; consumes `state`."""
+    def append(self, state: DecodeState, new_tokens: Sequence[Sequence[int]],
+               audio=None) -> DecodeState:
+        """Append new_tokens[b] (possibly empty) to row b; consumes `state`.
+
+        audio: None, or per row None / [n_b, D] embeddings (e.g. `omni.AudioEmbeddingCache`
+        output, utterances concatenated) for the n_b `<|AUDIO|>` placeholders of new_tokens[b]:
+        the speech turns of an Omni thinker's decoder. Needs `audio_token_id`."""
         batch = state.length.shape[0]
         if len(new_tokens) != batch:
             raise ValueError(f"new_tokens: {len(new_tokens)} rows for a state of batch {batch}")
@@ -225,14 +241,46 @@ class Sampler:
             raise ValueError(
                 f"new_tokens: rows {over.tolist()} would hold {(lengths + num)[over].tolist()} tokens "
                 f"> cache_len={self.cache_len}")
+        is_audio = self._audio_positions(new_tokens, audio)
         for start in range(0, int(num.max(initial=0)), self.prefill_chunk):
             chunk = np.clip(num - start, 0, self.prefill_chunk)
             width = min(_bucket(int(chunk.max()), self.min_bucket), self.prefill_chunk)
             tokens = np.zeros((batch, width), np.int32)
             for b, t in enumerate(new_tokens):
                 tokens[b, :chunk[b]] = t[start:start + chunk[b]]
-            state = _append_jit(self.model, self.params, state, tokens, chunk)
+            rows = None
+            if is_audio is not None:
+                # Each row's embeddings for the placeholders inside this chunk, in order.
+                done = [int(m[:start].sum()) for m in is_audio]
+                here = [int(m[start:start + self.prefill_chunk].sum()) for m in is_audio]
+                if any(here):
+                    rows = omni.audio_rows(
+                        [None if audio[b] is None else audio[b][done[b]:done[b] + here[b]]
+                         for b in range(batch)], self.cfg.hidden_size, self.min_bucket)
+            state = _append_jit(self.model, self.params, state, tokens, chunk, rows,
+                                audio_token_id=-1 if rows is None else self.audio_token_id)
         return state
+
+    def _audio_positions(self, new_tokens, audio) -> list[np.ndarray] | None:
+        """Per-row placeholder masks, after checking each row's embeddings match them."""
+        if self.audio_token_id is None:
+            if audio is not None:
+                raise ValueError("audio given to a Sampler made without audio_token_id")
+            return None
+        masks = [np.asarray(t, np.int64) == self.audio_token_id for t in new_tokens]
+        if audio is None:
+            audio = [None] * len(new_tokens)
+        if len(audio) != len(new_tokens):
+            raise ValueError(f"audio: {len(audio)} rows for {len(new_tokens)} token rows")
+        for b, (m, a) in enumerate(zip(masks, audio)):
+            have = 0 if a is None else len(a)
+            if int(m.sum()) != have:
+                raise ValueError(f"row {b}: {int(m.sum())} <|AUDIO|> placeholders but {have} audio "
+                                 "embeddings")
+            if a is not None and np.shape(a)[-1] != self.cfg.hidden_size:
+                raise ValueError(f"row {b}: audio embeddings of width {np.shape(a)[-1]}, the "
+                                 f"decoder's is {self.cfg.hidden_size}")
+        return masks if any(m.any() for m in masks) else None
 
     def decode(self, state: DecodeState, *, max_new_tokens=256, temperature=1.0, top_p=1.0,
                top_k=0, stop_tokens: Sequence = (), seed=0) -> tuple[DecodeState, list[Completion]]:

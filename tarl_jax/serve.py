@@ -2,7 +2,7 @@
 
     python -m tarl_jax.serve --preset tiny | --hf DIR | --gguf FILE | --orbax WORKDIR [--arch tiny|DIR]
         [--tokenizer tiny|qwen3|DIR] [--host 127.0.0.1] [--port 8000] [--model-name NAME]
-        [--batch 8] [--cache-len 4096] [--chunk 16] [--refill-wait-ms 10]
+        [--batch 8] [--cache-len 4096] [--chunk 16] [--refill-wait-ms 10] [--max-tokens N]
 
 Endpoints: GET /v1/models, GET /v1/models/NAME, POST /v1/chat/completions (messages, tools,
 temperature, top_p, max_tokens | max_completion_tokens, seed, n=1, stream with
@@ -16,11 +16,16 @@ Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
 
 Batching. One worker thread owns the jitted Sampler and a DecodeState of `batch` rows. It decodes
 all busy rows `chunk` tokens at a time; between chunks finished rows are freed and waiting
-requests are prefilled into free rows (a row is recycled by setting its length to 0: a query at
-position p only attends to cache slots <= p, so stale entries are invisible). So a request never
+requests are prefilled into free rows (a row is recycled by setting its length back, to 0 or to
+the prefix it keeps: a query at position p only attends to cache slots <= p, so stale entries
+are invisible). So a request never
 waits for a whole batch to finish, and streaming sends a delta per chunk. Idle rows get
 max_new_tokens=0 but still ride along in the batched matmuls, so after replies go out the worker
-waits up to --refill-wait-ms for their clients' next requests before decoding on.
+waits up to --refill-wait-ms for their clients' next requests before decoding on. A freed row
+keeps its cache: a request goes to the row holding the longest prefix of its prompt (a harness
+re-sends the conversation every turn) and only the rest is prefilled; `usage` reports it as
+prompt_tokens_details.cached_tokens. A request without max_tokens gets --max-tokens (tau-bench
+and tau2 set none; unset: the rest of the cache, as OpenAI does).
 
 Seeds. Each row gets its own key, fold_in(key(seed mod 2**32), tokens generated so far), and a
 request's chunk boundaries are always multiples of `chunk`: a seeded request samples the same
@@ -73,10 +78,17 @@ class Request:
     tokens: list[int] = dataclasses.field(default_factory=list)
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     cancelled: bool = False   # set by the client's thread (disconnect): the worker frees the row
+    cached: int = 0           # prompt tokens whose keys/values a previous request left in the row
 
 
 # A row's key for its next chunk: depends on the request's seed and progress only.
 _chunk_keys = jax.jit(jax.vmap(lambda seed, done: jax.random.fold_in(jax.random.key(seed), done)))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
 
 
 class Engine:
@@ -90,6 +102,11 @@ class Engine:
                  refill_wait_s: float = 0.01):
         self.sampler, self.stop_ids, self.batch, self.chunk = sampler, list(stop_ids), batch, chunk
         self.refill_wait_s = refill_wait_s
+        # Per row, the tokens whose keys/values sit in its cache slots 0.. (a freed row keeps
+        # them until it is reused), and when it was last given a request.
+        self.held: list[list[int]] = [[] for _ in range(batch)]
+        self.last_used = [0] * batch
+        self.admitted = 0
         self.waiting: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="serve-engine", daemon=True)
         self.thread.start()
@@ -134,7 +151,9 @@ class Engine:
                         r.events.put(("error", "server shutting down"))
                     return
                 if not r.cancelled:
-                    new[free.pop(0)] = r
+                    b = self._pick_row(free, r)
+                    free.remove(b)
+                    new[b] = r
             try:
                 busy = sum(r is not None for r in rows) + len(new)
                 state = self._step(state, rows, new)
@@ -146,13 +165,34 @@ class Engine:
                         r.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
                     rows[b] = None
                 state = self._fresh_state()
+                self.held = [[] for _ in range(self.batch)]
+
+    def _pick_row(self, free: list[int], request: Request) -> int:
+        """A free row for the request; sets request.cached, the prompt prefix it already holds.
+
+        A multi-turn client re-sends its whole conversation each turn (tau-bench: a 5k-token
+        policy first), so a row whose tokens the prompt mostly continues (at least half of
+        them: the same conversation, or one with the same long system prompt) is taken, the
+        longest such prefix first, and only the new tail is prefilled. Otherwise the row
+        holding the fewest tokens (then the least recently used) is: a new conversation evicts
+        the least work. The last prompt token is always prefilled again: sampling starts from
+        its hidden state."""
+        cached = {b: min(common_prefix(self.held[b], request.prompt), len(request.prompt) - 1)
+                  for b in free}
+        going_on = [b for b in free if self.held[b] and 2 * cached[b] >= len(self.held[b])]
+        b = max(going_on, key=cached.get) if going_on else \
+            min(free, key=lambda b: (len(self.held[b]), self.last_used[b]))
+        self.admitted += 1
+        request.cached, self.last_used[b] = cached[b], self.admitted
+        return b
 
     def _step(self, state, rows, new):
         if new:
+            # Slots at and past a row's length are invisible to its queries and get overwritten.
             lengths = np.array(state.length)
-            lengths[list(new)] = 0
+            lengths[list(new)] = [new[b].cached for b in new]
             state = state._replace(length=jnp.asarray(lengths))
-            state = self.sampler.append(state, [new[b].prompt if b in new else []
+            state = self.sampler.append(state, [new[b].prompt[new[b].cached:] if b in new else []
                                                 for b in range(self.batch)])
             for b, r in new.items():
                 rows[b] = r
@@ -163,10 +203,12 @@ class Engine:
             stop_tokens=self.stop_ids,
             seed=_chunk_keys(np.array([r.seed for r in live], np.uint32),
                              np.array([len(r.tokens) for r in live], np.int32)))
+        lengths = np.asarray(state.length)
         for b, (r, out) in enumerate(zip(rows, outs)):
             if r is None:
                 continue
             r.tokens += out.tokens
+            self.held[b] = (r.prompt + r.tokens)[:int(lengths[b])]
             r.events.put(("tokens", out.tokens))
             if out.finish_reason == "stop":
                 r.events.put(("done", "stop"))
@@ -241,8 +283,9 @@ class ChatCall:
 
 
 def parse_chat(body: Any, model_name: str, tok: tokenizer_lib.ChatTokenizer, cache_len: int,
-               enable_thinking: bool) -> ChatCall:
-    """A /v1/chat/completions body -> a Request for the engine; ApiError says what is wrong."""
+               enable_thinking: bool, default_max_tokens: int | None = None) -> ChatCall:
+    """A /v1/chat/completions body -> a Request for the engine; ApiError says what is wrong.
+    A request without max_tokens gets `default_max_tokens` (None: the rest of the cache)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = _get(body, "model", str)
@@ -277,7 +320,7 @@ def parse_chat(body: Any, model_name: str, tok: tokenizer_lib.ChatTokenizer, cac
                        "messages", "context_length_exceeded")
     max_tokens = _get(body, "max_completion_tokens", int, None, lambda n: n >= 1, "must be >= 1")
     max_tokens = max_tokens or _get(body, "max_tokens", int, None, lambda n: n >= 1, "must be >= 1")
-    max_tokens = min(max_tokens or cache_len, cache_len - len(prompt))
+    max_tokens = min(max_tokens or default_max_tokens or cache_len, cache_len - len(prompt))
     seed = _get(body, "seed", int, None)
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed % 2 ** 32
     options = _get(body, "stream_options", dict, {})
@@ -334,7 +377,8 @@ def streamable_content(text: str) -> str:
 
 def usage(request: Request) -> dict:
     n, m = len(request.prompt), len(request.tokens)
-    return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+    return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m,
+            "prompt_tokens_details": {"cached_tokens": request.cached}}
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -418,7 +462,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        call = parse_chat(body, s.model_name, s.tok, s.engine.sampler.cache_len, s.enable_thinking)
+        call = parse_chat(body, s.model_name, s.tok, s.engine.sampler.cache_len, s.enable_thinking,
+                          s.max_tokens)
         request = s.engine.submit(call.request)
         rid = uuid.uuid4().hex[:24]
         head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": s.model_name}
@@ -496,10 +541,12 @@ class ChatServer(http.server.ThreadingHTTPServer):
     request_queue_size = 256   # many clients connect at once; the default backlog is 5
 
     def __init__(self, engine: Engine, tok: tokenizer_lib.ChatTokenizer, model_name: str,
-                 host: str = "127.0.0.1", port: int = 8000, enable_thinking: bool = True):
+                 host: str = "127.0.0.1", port: int = 8000, enable_thinking: bool = True,
+                 max_tokens: int | None = None):
         super().__init__((host, port), Handler)
         self.engine, self.tok, self.model_name = engine, tok, model_name
         self.enable_thinking, self.created = enable_thinking, int(time.time())
+        self.max_tokens = max_tokens
         self._thread: threading.Thread | None = None
 
     @property
@@ -523,10 +570,13 @@ class ChatServer(http.server.ThreadingHTTPServer):
 
 def build(tok, cfg: qwen.DecoderConfig, params, *, model_name: str = "tarl", batch: int = 8,
           cache_len: int = 4096, chunk: int = 16, refill_wait_s: float = 0.01,
-          host: str = "127.0.0.1", port: int = 8000, enable_thinking: bool = True) -> ChatServer:
+          host: str = "127.0.0.1", port: int = 8000, enable_thinking: bool = True,
+          max_tokens: int | None = None) -> ChatServer:
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: must be >= 1 (or None: the rest of the cache)")
     sampler = sampler_lib.Sampler(cfg, params, cache_len=cache_len)
     return ChatServer(Engine(sampler, tok.stop_ids, batch, chunk, refill_wait_s), tok, model_name,
-                      host, port, enable_thinking)
+                      host, port, enable_thinking, max_tokens)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -619,6 +669,9 @@ def main(argv=None):
                     help="after replies go out, wait this long for new requests to fill rows")
     ap.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=True,
                     help="default of chat_template_kwargs.enable_thinking")
+    ap.add_argument("--max-tokens", type=int,
+                    help="reply length for requests that set none (tau-bench's and tau2's harnesses "
+                         "never do); default: the rest of the cache, as OpenAI does")
     args = ap.parse_args(argv)
     # INFO for our lines only: orbax and absl log every file they touch at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -627,7 +680,7 @@ def main(argv=None):
     server = build(tok, cfg, params, model_name=args.model_name, batch=args.batch,
                    cache_len=args.cache_len, chunk=args.chunk,
                    refill_wait_s=args.refill_wait_ms / 1000, host=args.host, port=args.port,
-                   enable_thinking=args.enable_thinking)
+                   enable_thinking=args.enable_thinking, max_tokens=args.max_tokens)
     log.info("serving %r (%.1fM params) at %s", args.model_name, qwen.num_params(params) / 1e6,
              server.url)
     try:

@@ -6,9 +6,10 @@
                  -> one jitted, sharded update
     periodically pass^k on held-out tasks, an orbax checkpoint, metrics (JSONL + TensorBoard)
 
-Exact resume: everything random is a pure function of (seed, step) — the curriculum's batch, the
-sampler's key, the update's rng — and the checkpoint holds the train state, so a run killed at
-any point and restarted continues with the same numbers it would have produced.
+Exact resume: everything random is a pure function of (seed, step) — the sampler's key, the
+update's rng — and the checkpoint holds the train state and the curriculum's position (its JSON
+metadata), so a run killed at any point and restarted continues with the same numbers it would
+have produced.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from tarl_jax.models import qwen
 from tarl_jax.models import tokenizer as tokenizer_lib
 from tarl_jax.rl import advantages as adv_lib
 from tarl_jax.rl import checkpoint as ckpt_lib
+from tarl_jax.rl import curriculum as curriculum_lib
 from tarl_jax.rl import losses, pack
 from tarl_jax.rl import step as step_lib
 from tarl_jax.sampler import Sampler
@@ -46,14 +48,35 @@ log = logging.getLogger("tarl_jax")
 
 # ---------------------------------------------------------------------------- building blocks
 
-def load_model(mcfg, mesh, rules, seed: int):
-    """(tokenizer, model config, params on the mesh) from a preset, an HF dir or a GGUF file."""
-    from tarl_jax.models import hf, presets
+def load_model(mcfg, mesh, rules, seed: int, with_audio: bool = False):
+    """(tokenizer, model config, params on the mesh) from a preset, an HF dir or a GGUF file.
+
+    `mcfg.audio` (speech mode): "" none; an audio preset ("tiny", "micro": random encoder over
+    the decoder preset); "hf": `hf_dir` is a Qwen2.5-Omni checkpoint, its thinker's decoder is
+    the policy. with_audio=True adds a 4th value: (ThinkerConfig, audio encoder params) or None.
+    """
+    import flax.linen as nn
+
+    from tarl_jax.models import audio as audio_model
+    from tarl_jax.models import hf, omni, presets
     tok_dir = (tokenizer_lib.tiny_tokenizer_dir() if mcfg.tokenizer == "tiny" else
-               tokenizer_lib.qwen3_tokenizer_dir() if mcfg.tokenizer == "qwen3" else mcfg.tokenizer)
+               tokenizer_lib.qwen3_tokenizer_dir() if mcfg.tokenizer == "qwen3" else
+               mcfg.hf_dir if mcfg.tokenizer == "hf" else mcfg.tokenizer)
     tok = tokenizer_lib.ChatTokenizer(tok_dir)
-    overrides = dict(dtype=mcfg.dtype, scan_layers=mcfg.scan_layers, remat=mcfg.remat)
-    if mcfg.hf_dir:
+    overrides = dict(dtype=mcfg.dtype, scan_layers=mcfg.scan_layers, remat=mcfg.remat,
+                     attn_chunk=mcfg.get("attn_chunk", 0))
+    audio_kind = mcfg.get("audio", "")
+    if audio_kind and tok.audio_id is None:
+        raise ValueError(f"model.audio={audio_kind!r} needs a tokenizer with <|AUDIO|> (an Omni "
+                         f"checkpoint's, or 'tiny'); {tok_dir} has none")
+    thinker = None
+    if audio_kind == "hf":
+        tcfg = omni.ThinkerConfig.from_hf(
+            json.loads((pathlib.Path(mcfg.hf_dir) / "config.json").read_text()),
+            text_overrides=overrides, freeze_audio=True)
+        tcfg, both = omni.load_thinker(mcfg.hf_dir, tcfg, mesh=mesh, rules=rules)
+        cfg, params, thinker = tcfg.text, both["model"], (tcfg, both["audio_tower"])
+    elif mcfg.hf_dir:
         cfg, params = hf.load_hf(mcfg.hf_dir, mesh=mesh, rules=rules, overrides=overrides)
     elif mcfg.gguf:
         cfg, params = hf.load_gguf(mcfg.gguf, mesh=mesh, rules=rules, overrides=overrides)
@@ -65,16 +88,23 @@ def load_model(mcfg, mesh, rules, seed: int):
         shardings = sharding.logical_sharding(qwen.logical_axes(cfg), mesh, rules)
         params = jax.jit(lambda k: qwen.init_params(cfg, k), out_shardings=shardings)(
             jax.random.key(seed))
-    return tok, cfg, params
+    if audio_kind and thinker is None:
+        tcfg = omni.ThinkerConfig(audio=presets.audio(audio_kind, cfg.hidden_size), text=cfg,
+                                  audio_token_id=tok.audio_id, freeze_audio=True)
+        thinker = (tcfg, nn.unbox(audio_model.boxed_params(tcfg.audio, jax.random.key(seed + 1))))
+    if thinker is not None and thinker[0].audio_token_id != tok.audio_id:
+        raise ValueError(f"the checkpoint's audio_token_id {thinker[0].audio_token_id} is not the "
+                         f"tokenizer's <|AUDIO|> id {tok.audio_id}")
+    return (tok, cfg, params, thinker) if with_audio else (tok, cfg, params)
 
 
 @dataclasses.dataclass
 class World:
-    """What rollouts need: tool-use train/eval tasks, a way to make envs and users, math."""
+    """What rollouts need: tool-use train/eval tasks, a way to make envs and users. RL batches
+    come from the curriculum (rl/curriculum.py); `train` feeds the warm start."""
     world: Any
     train: list
     eval: list
-    math: list
     user_cfg: Any
     max_steps: int
     reward_variant: str
@@ -114,28 +144,8 @@ def build_world(config) -> World:
         v1 = root / "v1" / w.domain if (root / "v1").is_dir() else root
         train = load_tasks(v1 / "tasks_train.json", w.domain)
         eval_ = load_tasks(v1 / "tasks_test.json", w.domain)[:w.eval_tasks]
-    math = []
-    if config.math.fraction > 0:
-        kind, _, name = config.math.source.partition(":")
-        if kind == "reasoning_gym":
-            math = math_tasks.reasoning_gym_tasks(name, size=config.math.size, seed=config.seed)
-        else:
-            math = math_tasks.load_jsonl(config.math.source.partition(":")[2] or kind)
-    return World(world, train, eval_, math, config.user, w.max_steps, w.reward_variant,
+    return World(world, train, eval_, config.user, w.max_steps, w.reward_variant,
                  w.system_prompt)
-
-
-def curriculum_batch(world: World, config, step: int) -> list:
-    """Tasks of RL step `step`: a pure function of (seed, step), so resume needs no iterator
-    state. Every round(1 / fraction)-th step is a math batch when math.fraction > 0."""
-    n = config.rollout.tasks_per_step
-    frac = config.math.fraction
-    is_math = frac > 0 and world.math and step % max(round(1 / frac), 1) == max(round(1 / frac), 1) - 1
-    pool = world.math if is_math else world.train
-    epoch, offset = divmod(step * n, len(pool))
-    order = np.random.default_rng([config.seed, epoch, int(is_math)]).permutation(len(pool))
-    idx = [order[(offset + i) % len(pool)] for i in range(n)]
-    return [pool[i] for i in idx]
 
 
 # ---------------------------------------------------------------------------- rewards
@@ -157,13 +167,18 @@ def score_episodes(episodes, tasks, config) -> tuple[np.ndarray, np.ndarray | No
             judgements[i] = rule_judge.judge(tasks[i], episodes[i])
     elif kind == "llm" and judged:
         from tarl_jax.judge import llm as llm_judge
-        found, stats = llm_judge.judge_batch([(tasks[i], episodes[i]) for i in judged],
-                                             {k: (None if v == "" else v)
-                                              for k, v in config.judge.llm.items()})
+        # judge.llm.repeats > 1: the reward uses the majority vote of the repeats.
+        found, runs, stats = llm_judge.judge_repeated(
+            [(tasks[i], episodes[i]) for i in judged],
+            {k: (None if v == "" else v) for k, v in config.judge.llm.items()})
         for i, j in zip(judged, found):
             judgements[i] = j  # None: dropped by the configured fallback, outcome-only reward
         metrics.update({f"judge/{k}": float(v) for k, v in stats.items()
                         if isinstance(v, (int, float))})
+        if len(runs) > 1:
+            rep = reliability.repeat_variance(runs, [outcomes[i] for i in judged], dict(config.reward))
+            metrics.update({f"judge/repeat_{k}": float(v) for k, v in rep.items()
+                            if v is not None and k != "repeats"})
         # The rule judge as a free yardstick: how far does the LLM judge agree with it?
         agree = reliability.judge_agreement(
             [judgements[i] for i in judged], [rule_judge.judge(tasks[i], episodes[i]) for i in judged])
@@ -211,6 +226,26 @@ def episode_advantages(config, rewards, turn_rewards, episodes, group_ids):
                                                  gamma=config.rl.gamma))
 
 
+def make_speech_view(config, thinker):
+    """The speech front end (TTS + frozen audio encoder) when the model hears audio."""
+    if thinker is None:
+        return None
+    from tarl_jax.sandbox import speech
+    from tarl_jax.speech_view import SpeechView
+    s = config.speech
+    conditions = None
+    if s.snr_db is not None or s.telephony:
+        conditions = speech.Conditions(snr_db=s.snr_db, telephony=s.telephony, seed=config.seed)
+    kwargs = {}
+    if s.engine == "openai":
+        kwargs = dict(model=s.model or "gpt-4o-mini-tts", base_url=s.base_url or None,
+                      api_key=os.environ.get(s.api_key_env) or None)
+    tts = speech.TTS(s.engine, cache_dir=s.cache_dir or None, **kwargs)
+    tcfg, audio_params = thinker
+    return SpeechView(tts, tcfg, audio_params, conditions=conditions, seed=config.seed,
+                      max_items=s.max_items)
+
+
 # ---------------------------------------------------------------------------- the trainer
 
 class Trainer:
@@ -220,8 +255,14 @@ class Trainer:
         c = config
         self.rules = sharding.rules_from_config(c.rules)
         self.mesh = sharding.make_mesh(dict(c.mesh))
-        self.tok, self.model_cfg, params = load_model(c.model, self.mesh, self.rules, c.seed)
+        self.tok, self.model_cfg, params, thinker = load_model(c.model, self.mesh, self.rules,
+                                                               c.seed, with_audio=True)
+        self.speech = make_speech_view(c, thinker)   # None: text only
+        self.audio_id = self.tok.audio_id if self.speech else None
         self.world = build_world(c)
+        self.curriculum = curriculum_lib.Curriculum.from_config(
+            c, c.curriculum.data_dir or self.workdir / "data")
+        self.batch_kind = None   # text | speech | math: the kind of the step's batch
         self.ppo = c.rl.algo == "ppo"
         self.step_cfg = step_lib.StepConfig(
             loss=losses.LossConfig(policy_loss=c.rl.policy_loss, clip_low=c.rl.clip_low,
@@ -229,13 +270,16 @@ class Trainer:
                                    max_len=max(c.pack.seq_lens), kl_coef=c.rl.kl_coef,
                                    kl_estimator=c.rl.kl_estimator),
             logprob_chunk=c.rl.logprob_chunk, microbatches=c.rl.microbatches,
-            temperature=c.rollout.temperature, ppo=self.ppo, gamma=c.rl.gamma, lam=c.rl.lam)
+            temperature=c.rollout.temperature, ppo=self.ppo, gamma=c.rl.gamma, lam=c.rl.lam,
+            audio_token_id=self.audio_id or -1)
         self.optimizer = step_lib.make_optimizer(
             c.optim.lr, c.optim.warmup_steps, c.total_steps, c.optim.schedule, c.optim.clip_norm,
             c.optim.weight_decay, critic_lr=c.optim.critic_lr if self.ppo else None)
         self.state_sh = step_lib.state_shardings(self.model_cfg, self.optimizer, self.ppo,
                                                  self.mesh, self.rules)
-        self.keys = step_lib.BATCH_KEYS + (step_lib.PPO_KEYS if self.ppo else ())
+        self.keys = (step_lib.BATCH_KEYS + step_lib.GATHER_KEYS
+                     + (step_lib.PPO_KEYS if self.ppo else ())
+                     + (step_lib.AUDIO_KEYS if self.speech else ()))
         self.train_step = step_lib.jit_train_step(self.model_cfg, self.step_cfg, self.optimizer,
                                                   self.mesh, self.state_sh, self.keys, self.rules)
         self.score = step_lib.make_score_fn(self.model_cfg, self.step_cfg, self.mesh,
@@ -244,11 +288,14 @@ class Trainer:
                                           save_every=c.checkpoint_every)
         self.writer = MetricWriter(self.workdir) if jax.process_index() == 0 else None
         self.rng = jax.random.key(c.seed)
-        self.sampler = Sampler(self.model_cfg, params, cache_len=c.rollout.cache_len)
+        self.sampler = Sampler(self.model_cfg, params, cache_len=c.rollout.cache_len,
+                               audio_token_id=self.audio_id)
         self._initial_params = params
 
     # -- state ---------------------------------------------------------------------------
-    def init_or_restore(self) -> tuple[dict, dict]:
+    def init_or_restore(self, resume_curriculum: bool = True) -> tuple[dict, dict]:
+        """The latest checkpoint's state (and curriculum position, unless only evaluating a
+        policy, possibly on other tasks than it was trained on), or a fresh start."""
         latest = self.ckpt.latest_step()
         if latest is not None:
             abstract = jax.eval_shape(
@@ -257,6 +304,11 @@ class Trainer:
             abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                     abstract, self.state_sh)
             state, meta = self.ckpt.restore(abstract)
+            if resume_curriculum:
+                if "curriculum" not in meta:
+                    raise ValueError(f"the checkpoint in {self.ckpt.directory} has no curriculum "
+                                     "state (it predates it): use a new workdir")
+                self.curriculum.set_state(meta["curriculum"])
             if self.config.rl.kl_coef:
                 self.ref_params = ckpt_lib.restore_params(self.workdir / "reference",
                                                           abstract["params"]["policy"])
@@ -275,6 +327,7 @@ class Trainer:
             self.ref_params = jax.tree.map(lambda x: x.copy(), state["params"]["policy"])
             ckpt_lib.save_params(self.workdir / "reference", self.ref_params)
         meta["evals"].append({"step": 0, **self.evaluate(state)})
+        meta["curriculum"] = self.curriculum.get_state()
         self.ckpt.save(0, state, meta, force=True)
         return state, meta
 
@@ -284,11 +337,16 @@ class Trainer:
         c = self.config.warmstart
         tasks, _ = distributed.host_share(self.world.train[:c.episodes])
         view = _tool_view(self.config)
-        # The expert gets tau-bench's 30-step cap even where rollouts are cut shorter.
-        episodes = [self.world.run_one(t, rollout.TeacherAgent(synth.ExpertAgent(t), self.tok,
-                                                                tool_view=view,
-                                                                enable_thinking=False), 30)
-                    for t in tasks]
+        episodes = []
+        for i, t in enumerate(tasks):
+            # In speech mode every other demonstration is heard: SFT covers both modalities.
+            hear = self.speech if i % 2 else None
+            teacher = rollout.TeacherAgent(synth.ExpertAgent(t), self.tok, tool_view=view,
+                                           enable_thinking=False, speech=hear, user_id=t.user_id)
+            # The expert gets tau-bench's 30-step cap even where rollouts are cut shorter.
+            episodes.append(self.world.run_one(t, teacher, 30))
+            if hear is not None:
+                rollout.mark_speech(episodes[-1])
         ok = [ep for ep in episodes if ep.reward >= 1]
         log.info("warm start: %d/%d expert episodes solved; training on them", len(ok), len(episodes))
         optimizer = step_lib.make_optimizer(c.lr, c.warmup_steps, c.steps, "cosine", 1.0)
@@ -296,29 +354,38 @@ class Trainer:
                                   loss=losses.LossConfig(policy_loss="pg", agg="token_mean"))
         sh = step_lib.state_shardings(self.model_cfg, optimizer, False, self.mesh, self.rules)
         state = step_lib.init_state(params, optimizer, self.model_cfg, False, sh)
-        fn = step_lib.jit_train_step(self.model_cfg, cfg, optimizer, self.mesh, sh,
-                                     step_lib.BATCH_KEYS, self.rules)
+        keys = (step_lib.BATCH_KEYS + step_lib.GATHER_KEYS
+                + (step_lib.AUDIO_KEYS if self.speech else ()))
+        fn = step_lib.jit_train_step(self.model_cfg, cfg, optimizer, self.mesh, sh, keys,
+                                     self.rules)
         rng = np.random.default_rng([self.config.seed, jax.process_index()])
         losses_seen = []
         rows = c.batch_rows // jax.process_count()   # global batch rows, split over hosts
         for i in progress(range(c.steps), "warm start"):
             pick = rng.choice(len(ok), size=min(rows, len(ok)), replace=False)
             batch = pack.pack([ok[j] for j in pick], np.ones(len(pick), np.float32),
-                              seq_lens=(c.seq_len,), rows=(rows,), overflow="truncate")
+                              seq_lens=(c.seq_len,), rows=(rows,), overflow="truncate",
+                              audio=self.speech, audio_token_id=self.audio_id or -1)
+            _agree_widths(batch.arrays)
             if not batch.stats["policy_tokens"]:
                 log.warning("warm start step %d: no assistant token within warmstart.seq_len=%d "
                             "(the prompts are longer); raise it", i, c.seq_len)
-            state, m = fn(state, step_lib.device_batch(batch.arrays, step_lib.BATCH_KEYS, self.mesh,
-                                                       self.rules), jax.random.key(i))
+            state, m = fn(state, step_lib.device_batch(batch.arrays, keys, self.mesh, self.rules),
+                          jax.random.key(i))
             losses_seen.append(float(m["loss"]))
         log.info("warm start: NLL %.3f -> %.3f over %d steps", losses_seen[0], losses_seen[-1], c.steps)
         return state["params"]["policy"], {"nll_first": losses_seen[0], "nll_last": losses_seen[-1],
                                            "expert_solved": len(ok), "expert_episodes": len(episodes)}
 
     # -- rollouts ----------------------------------------------------------------------------
-    def rollouts(self, params, tasks, samples, temperature, rng, first_task: int = 0):
+    def rollouts(self, params, tasks, samples, temperature, rng, first_task: int = 0,
+                 speech: bool = False):
         """G = `samples` episodes per task; episode ids (which seed sampling) are global, so a
-        host computes exactly what a single process would for the same tasks."""
+        host computes exactly what a single process would for the same tasks. `speech`: the
+        users speak (needs a model that hears: `model.audio`)."""
+        if speech and self.speech is None:
+            raise ValueError("a speech batch needs a model that hears: set model.audio "
+                             "(e.g. configs/tiny_speech.py)")
         if jax.process_count() > 1:
             # Each host samples its own episodes on its own devices: a full local replica of
             # the policy (the train-step params are sharded across hosts).
@@ -332,13 +399,22 @@ class Trainer:
         flat = [t for t in tasks for _ in range(samples)]
         ids = range(first_task * samples, first_task * samples + len(flat))
         return rollout.run_batch(flat, self.world.run_one, self.sampler, self.tok, cfg, rng,
-                                 _tool_view(self.config), episode_ids=list(ids))
+                                 _tool_view(self.config), episode_ids=list(ids),
+                                 speech=self.speech if speech else None)
 
     def evaluate(self, state) -> dict:
+        """pass^1 on the held-out tasks; with a model that hears, also with speaking users
+        (`pass^1/speech`), side by side."""
+        out = self._evaluate(state, speech=False)
+        if self.speech is not None:
+            out.update({f"{k}/speech": v for k, v in self._evaluate(state, speech=True).items()})
+        return out
+
+    def _evaluate(self, state, speech: bool) -> dict:
         r = self.config.rollout
         tasks, first = distributed.host_share(self.world.eval)
         eps, _ = self.rollouts(state["params"]["policy"], tasks, r.eval_samples,
-                               r.eval_temperature, jax.random.fold_in(self.rng, 1), first)
+                               r.eval_temperature, jax.random.fold_in(self.rng, 1), first, speech)
         trials: dict[str, list[float]] = {}
         turns = []
         for host_trials, host_turns in distributed.allgather_json(
@@ -354,22 +430,27 @@ class Trainer:
         config are global; a host gets bucket / host count rows."""
         c, hosts = self.config.pack, jax.process_count()
         rows = [r // hosts for r in c.rows if r % hosts == 0]
-        packed = pack.pack(episodes, advs, seq_lens=c.seq_lens, rows=rows, overflow=c.overflow)
+        audio = dict(audio=self.speech, audio_token_id=self.audio_id or -1)
+        packed = pack.pack(episodes, advs, seq_lens=c.seq_lens, rows=rows, overflow=c.overflow,
+                           **audio)
         shapes = distributed.allgather_json([packed.stats["seq_len"], packed.stats["rows"]])
         t_len, n_rows = max(s[0] for s in shapes), max(s[1] for s in shapes)
         if (t_len, n_rows) != (packed.stats["seq_len"], packed.stats["rows"]):
             packed = pack.pack(episodes, advs, seq_lens=(t_len,), rows=(n_rows,),
-                               overflow=c.overflow)
+                               overflow=c.overflow, **audio)
+        _agree_widths(packed.arrays)
         return packed
 
     # -- one RL step -------------------------------------------------------------------------
     def rl_step(self, state, step: int) -> tuple[dict, dict]:
         c = self.config
         t0 = time.perf_counter()
-        tasks, first = distributed.host_share(curriculum_batch(self.world, c, step))
+        batch = self.curriculum.next(step)   # this host's block of the step's tasks
+        tasks, first, self.batch_kind = batch.tasks, batch.first, batch.kind
         key = jax.random.fold_in(jax.random.fold_in(self.rng, 0), step)
         episodes, rstats = self.rollouts(state["params"]["policy"], tasks, c.rollout.samples_per_task,
-                                         c.rollout.temperature, key, first)
+                                         c.rollout.temperature, key, first,
+                                         speech=self.batch_kind == "speech")
         t_roll = time.perf_counter() - t0
         flat_tasks = [t for t in tasks for _ in range(c.rollout.samples_per_task)]
         group_ids = np.repeat(np.arange(len(tasks)), c.rollout.samples_per_task)
@@ -392,7 +473,8 @@ class Trainer:
             _, values = self.score(state["params"], batch)
             batch["values"] = values
         if c.rl.kl_coef:
-            ref_logp, _ = self.score({"policy": self.ref_params}, batch)
+            # The PPO critic rides along unused: the score fn is compiled for the full params tree.
+            ref_logp, _ = self.score({**state["params"], "policy": self.ref_params}, batch)
             batch["ref_logprobs"] = ref_logp
         for epoch in range(c.rl.epochs):
             state, m = self.train_step(state, batch, jax.random.fold_in(key, epoch))
@@ -406,6 +488,7 @@ class Trainer:
                                                     if k.startswith("malformed")) for ep in episodes])),
             "pack/fill": packed.stats["fill"], "pack/truncated": packed.stats["truncated"],
             "pack/dropped": packed.stats["dropped"], "math_batch": float(tasks[0].domain == "math"),
+            "speech_batch": float(self.batch_kind == "speech"),
         })
         # Host metrics: every host ran the same number of episodes, so a plain mean of host
         # means is the global mean (counts such as gen_tokens become per-host averages).
@@ -438,6 +521,7 @@ class Trainer:
                     metrics.update({f"eval/{k}": v for k, v in ev.items()})
                 if self.writer:
                     self.writer.write(done, metrics)
+                meta["curriculum"] = self.curriculum.get_state()
                 self.ckpt.save(done, state, meta, force=done == c.total_steps)
         finally:
             self.ckpt.close()
@@ -448,6 +532,20 @@ class Trainer:
             (self.workdir / "summary.json").write_text(json.dumps(
                 {"evals": meta["evals"], "warmstart": meta.get("warmstart")}, indent=1))
         return state, meta
+
+
+def _agree_widths(arrays: dict) -> None:
+    """Hosts' bucketed second dims (policy_index [rows, M], audio [rows, A, D]) must agree:
+    pad each to the largest (positions with T, embeddings with zeros)."""
+    if jax.process_count() == 1:
+        return
+    t = arrays["tokens"].shape[1]
+    for key, fill in (("policy_index", t), ("audio", 0)):
+        if key in arrays:
+            x = arrays[key]
+            size = max(distributed.allgather_json(x.shape[1]))
+            pad = [(0, 0), (0, size - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+            arrays[key] = np.pad(x, pad, constant_values=fill)
 
 
 def _tool_view(config):

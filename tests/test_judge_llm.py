@@ -2,7 +2,7 @@
 
 The server reads the scenario from the task instruction ("SCENARIO=name") and the number of
 agent turns from the prompt, and answers like a flaky model would: valid, invalid (two -1s,
-wrong turn count, not JSON), truncated, slow, 5xx.
+wrong turn count, not JSON), truncated, slow, 5xx, or a different verdict per seed (repeats).
 """
 import http.server
 import json
@@ -10,12 +10,17 @@ import re
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from tarl_jax.judge import llm, reliability
-from tarl_jax.sandbox.record import Episode
+from tarl_jax.judge.base import Judgement
+from tarl_jax.judge.reward import trajectory_reward
+from tarl_jax.sandbox.record import AgentTurn, Episode
 
 USAGE = {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
+# The "seeded" scenario's verdict for each request seed (a 3-turn dialogue).
+SEEDED = {0: [1, -1, 1], 1: [1, -1, 0], 2: [0, 1, -1]}
 
 
 def verdict(n, neg=None):
@@ -58,6 +63,9 @@ class Scripted(http.server.BaseHTTPRequestHandler):
             status = 503
         elif scenario == "bad_request":
             status = 400
+        elif scenario == "seeded":
+            content = json.dumps({"turns": [{"turn": t, "score": s, "reason": f"s{body['seed']}t{t}"}
+                                            for t, s in enumerate(SEEDED[body["seed"]], 1)]})
         payload = {"error": {"message": "overloaded"}} if status != 200 else {
             "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "finish_reason": finish,
@@ -204,7 +212,94 @@ def test_reliability_cli_llm_vs_rule(server, tmp_path, capsys):
     assert agree["turn_exact_agreement"] == 0.5 and agree["neg_presence_agreement"] == 0.5
     assert agree["turn_kappa"] == 0.0     # p_o 0.5 == p_e 1 * 0.5: no better than chance
     llm_entry = report["judges"]["llm"]
-    assert llm_entry["rewards"]["fallbacks"] == 1 and len(llm_entry["stats"]) == 2
+    assert llm_entry["rewards"]["fallbacks"] == 1
+    assert llm_entry["stats"]["repeats"] == 2 and llm_entry["stats"]["items"] == 4
     assert llm_entry["vs_outcome"]["table"] == {"neg_fail": 0, "neg_success": 1, "clean_fail": 1,
                                                 "clean_success": 0}
     assert llm_entry["self_consistency"]["turn_score_var_mean"] == 0.0
+
+
+def test_repeats_are_distinct_requests_voted_and_measured(server, tmp_path):
+    items = [item("seeded"), item("valid")]
+    c = cfg(server, tmp_path, repeats=3, temperature=0.7)
+    voted, runs, stats = llm.judge_repeated(items, c)
+    assert [[j.scores for j in run] for run in runs] == [[SEEDED[k], [1, -1, 1]] for k in range(3)]
+    # Each repeat is its own request (seed 0, 1, 2) with its own cache entry.
+    sent = [r for r in Scripted.requests if "SCENARIO=seeded" in r["messages"][1]["content"]]
+    assert sorted(r["seed"] for r in sent) == [0, 1, 2] and {r["temperature"] for r in sent} == {0.7}
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 6
+    assert stats["items"] == 6 and stats["repeats"] == 3 and stats["requests"] == 6
+    # Majority: turn 1 (1, 1, 0) -> 1, turn 2 (-1, -1, 1) -> -1, turn 3 (1, 0, -1) -> none -> 0.
+    assert voted[0].scores == [1, -1, 0] and voted[0].reasons[:2] == ["s0t1", "s0t2"]
+    assert voted[0].reasons[2] == "no majority over 3 repeats: [1, 0, -1]"
+    assert voted[0].source == "llm" and voted[0].meta["repeat_scores"] == [SEEDED[k] for k in range(3)]
+    assert voted[1].scores == [1, -1, 1]
+
+    rep = reliability.repeat_variance(runs, [0.0, 1.0])
+    grid = np.array([[SEEDED[k], [1, -1, 1]] for k in range(3)], float)     # [repeat, traj, turn]
+    assert rep["turn_score_var_mean"] == pytest.approx(grid.var(axis=0).mean())
+    assert rep["reward_var_mean"] == pytest.approx(np.var([trajectory_reward(SEEDED[k], 0.0)
+                                                           for k in range(3)]) / 2)
+    assert rep["neg_presence_flip_rate"] == 0.0 and rep["neg_turn_flip_rate"] == 0.5
+    # seeded: repeats (0, 1) agree on 2 turns, (0, 2) and (1, 2) on none; valid: 3 pairs x 3 turns
+    assert rep["pair_exact_agreement"] == pytest.approx((2 + 9) / 18)
+
+    again, runs2, stats2 = llm.judge_repeated(items, c)
+    assert stats2["cache_hits"] == 6 and stats2["requests"] == 0
+    assert [[j.scores for j in run] for run in runs2] == [[j.scores for j in run] for run in runs]
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
+        llm.config({"repeats": 0})
+
+
+def J(*scores, **meta):
+    return Judgement(list(scores), [f"r{s}" for s in scores], "rule" if meta else "llm", meta)
+
+
+def test_majority_vote_by_hand():
+    one = J(1, -1)
+    assert llm.majority_vote([one]) is one and llm.majority_vote([None, one]) is one
+    assert llm.majority_vote([None, None]) is None
+    # Two votes: only what both say survives.
+    assert llm.majority_vote([J(1, -1), None, J(1, 0)]).scores == [1, 0]
+    # 2 of 4 is no strict majority: two turns each with two -1 votes both end at 0.
+    four = llm.majority_vote([J(-1, 0), J(-1, 0), J(0, -1), J(0, -1)])
+    assert four.scores == [0, 0] and four.meta["votes"] == 4
+    fb = dict(fallback_from="llm")
+    assert llm.majority_vote([J(0, 1, **fb), J(0, 1, **fb)]).meta["fallback_from"] == "llm"
+    mixed = llm.majority_vote([J(0, 1, **fb), J(1, 1), J(1, 1)])
+    assert mixed.scores == [1, 1] and mixed.source == "llm" and "fallback_from" not in mixed.meta
+    assert mixed.meta["fallbacks"] == 1
+    with pytest.raises(ValueError, match="different numbers of turns"):
+        llm.majority_vote([J(1), J(1, 1)])
+
+
+def test_score_episodes_rewards_the_vote_and_reports_repeats(server, tmp_path):
+    import pathlib
+
+    from tarl_jax import configlib, trainer
+
+    tasks, episodes = [], []
+    for k, scenario in enumerate(("seeded", "valid")):
+        task, msgs = item(scenario)
+        turns = [AgentTurn(i, m) for i, m in enumerate(m for m in msgs if m["role"] == "assistant")]
+        tasks.append(task)
+        episodes.append(Episode(task_id=str(k), domain="retail", messages=msgs, turns=turns,
+                                reward=float(k)))
+    config = configlib.load(str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"),
+                            "judge=llm")
+    for key, value in dict(base_url=server, api_key="t", model="judge-test", temperature=0.7,
+                           repeats=3, cache_dir=str(tmp_path / "c")).items():
+        config.judge.llm[key] = value
+    rewards, _, metrics = trainer.score_episodes(episodes, tasks, config)
+    w = dict(config.reward)
+    np.testing.assert_allclose(rewards, [trajectory_reward([1, -1, 0], 0.0, w),
+                                         trajectory_reward([1, -1, 1], 1.0, w)], rtol=1e-6)
+    assert metrics["judge/repeats"] == 3 and metrics["judge/items"] == 6
+    assert metrics["judge/repeat_trajectories"] == 2
+    assert metrics["judge/repeat_neg_presence_flip_rate"] == 0.0
+    assert metrics["judge/repeat_neg_turn_flip_rate"] == 0.5
+    assert metrics["judge/repeat_pair_exact_agreement"] == pytest.approx(11 / 18)
+    grid = np.array([[SEEDED[k], [1, -1, 1]] for k in range(3)], float)
+    assert metrics["judge/repeat_turn_score_var_mean"] == pytest.approx(grid.var(axis=0).mean())
+    rv = np.var([trajectory_reward(SEEDED[k], 0.0, w) for k in range(3)]) / 2
+    assert metrics["judge/repeat_reward_var_mean"] == pytest.approx(rv)

@@ -44,7 +44,19 @@ def test_repeat_variance_by_hand():
     rewards = [trajectory_reward([1, -1], 1), trajectory_reward([1, 0], 1), trajectory_reward([1, 0], 1)]
     mean = sum(rewards) / 3
     assert r["reward_var_mean"] == pytest.approx(sum((x - mean) ** 2 for x in rewards) / 3 / 2)
-    assert r["neg_presence_flip_rate"] == 0.5
+    assert r["neg_presence_flip_rate"] == 0.5 and r["neg_turn_flip_rate"] == 0.5
+    # pairs of trajectory 0: (1,-1)~(1,0) 1 of 2, (1,-1)~(1,0) 1, (1,0)~(1,0) 2; trajectory 1: 1 of 1
+    assert r["pair_exact_agreement"] == pytest.approx((1 + 1 + 2 + 1) / (2 + 2 + 2 + 1))
+    # The -1 moving between turns is a turn flip but not a presence flip.
+    moved = reliability.repeat_variance([[J(-1, 1)], [J(1, -1)]], [0])
+    assert moved["neg_presence_flip_rate"] == 0.0 and moved["neg_turn_flip_rate"] == 1.0
+    assert moved["turn_score_var_mean"] == 1.0 and moved["pair_exact_agreement"] == 0.0
+    # A fallback verdict is another judge's: it neither adds consistency nor disagreement.
+    fb = Judgement([1, 1], ["", ""], "rule", {"fallback_from": "llm"})
+    skipped = reliability.repeat_variance([[fb], [fb], [J(1, -1)]], [0])
+    assert skipped["trajectories"] == 0 and skipped["turn_score_var_mean"] is None
+    with pytest.raises(ValueError, match=r"scored \[2, 1\] turns"):
+        reliability.repeat_variance([[J(1, 1)], [J(1)]], [0])
 
 
 def test_cli_rule_judge_on_gpt4o_airline(taubench_dir, capsys, tmp_path):

@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ARGS = ["--config=configs/tiny.py:runlocal,credit=per_turn", "--config.model.preset=micro",
+# PPO: the critic baseline gives every step a gradient, whichever tasks the curriculum draws.
+ARGS = ["--config=configs/tiny.py:runlocal,credit=per_turn,algo=ppo", "--config.model.preset=micro",
         "--config.warmstart.steps=0", "--config.total_steps=3", "--config.eval_every=3",
         "--config.checkpoint_every=1", "--config.pack.rows=(8, 16)"]
 COMPARED = ("loss", "pg_loss", "tokens", "grad_norm", "reward", "outcome", "ratio", "entropy",

@@ -149,3 +149,29 @@ def test_thinker_alone_loads_freezes_and_names_bad_tensors(tiny, tmp_path):
 def test_placeholder_count_mismatch_is_an_error():
     with pytest.raises(ValueError, match=re.escape("2 <|AUDIO|> placeholders (id 1000) but 3")):
         omni.check_placeholders(np.array([[1, AUDIO_ID, AUDIO_ID]]), 3, AUDIO_ID)
+
+
+def test_trainer_loads_an_omni_checkpoint_as_policy_and_frozen_ears(tiny, tmp_path):
+    """model.audio=hf: the thinker's decoder is the policy, its encoder feeds the SpeechView;
+    the checkpoint's audio_token_index must be the tokenizer's <|AUDIO|>."""
+    import ml_collections
+
+    from tarl_jax import trainer
+    from tarl_jax.models.tokenizer import ChatTokenizer, tiny_tokenizer_dir
+    _, alone = tiny
+    ckpt = full_omni_layout(alone, tmp_path / "omni")
+    tok_id = ChatTokenizer(tiny_tokenizer_dir()).audio_id
+    mcfg = ml_collections.ConfigDict(dict(
+        preset="", hf_dir=str(ckpt), gguf="", tokenizer=str(tiny_tokenizer_dir()),
+        dtype="float32", scan_layers=False, remat="none", audio="hf"))
+    with pytest.raises(ValueError, match="audio_token_id"):
+        trainer.load_model(mcfg, None, None, 0, with_audio=True)   # the fixture's id is 1000
+    cfg_json = json.loads((ckpt / "config.json").read_text())
+    cfg_json["thinker_config"]["audio_token_index"] = tok_id
+    (ckpt / "config.json").write_text(json.dumps(cfg_json))
+    tok, cfg, params, (tcfg, audio_params) = trainer.load_model(mcfg, None, None, 0, with_audio=True)
+    ref_cfg, ref = omni.load_thinker(ckpt)
+    assert cfg == ref_cfg.text and tcfg.freeze_audio and tcfg.audio_token_id == tok.audio_id
+    for got, want in ((params, ref["model"]), (audio_params, ref["audio_tower"])):
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))

@@ -45,7 +45,9 @@ def test_round_trip_and_layout():
     eps = episodes()
     p = P.pack(eps, **SHAPE)
     a = p.arrays
-    assert all(v.shape == (p.stats["rows"], p.stats["seq_len"]) for v in a.values())
+    assert all(v.shape == (p.stats["rows"], p.stats["seq_len"]) for k, v in a.items()
+               if k != "policy_index")
+    assert a["policy_index"].shape[0] == p.stats["rows"]
     for i, ep in enumerate(eps):
         r, start, n = p.spans[i]
         s = stream(ep)
@@ -223,3 +225,15 @@ def test_last_token_rewards_and_packed_gae():
                        "a": np.asarray(packed_adv)}, len(eps))
     alone_adv, _ = adv.gae(single["r"], single["v"], single["m"], None, 0.9, 0.8)
     np.testing.assert_allclose(single["a"], alone_adv, atol=1e-5)
+
+
+def test_policy_index_lists_each_rows_mask_positions():
+    mask = np.zeros((3, 40), bool)
+    mask[0, [3, 4, 5, 30]] = True
+    mask[2, 10:31] = True          # 21 positions -> width 32 (power of two)
+    idx = P.policy_index(mask)
+    assert idx.shape == (3, 32)
+    for r in range(3):
+        got = idx[r][idx[r] < 40]
+        np.testing.assert_array_equal(got, np.flatnonzero(mask[r]))
+        assert (idx[r][len(got):] == 40).all()

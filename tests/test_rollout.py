@@ -51,6 +51,13 @@ def test_train_logprobs_equal_sampler_logprobs(setup):
         sum(1 for ep in episodes if not ep.agent_turns[0].prompt_ids)
     diff = np.abs(np.asarray(logp)[mask] - a["logprobs"][mask]).max()
     assert diff < 1e-5, diff
+    # Scoring only the gathered policy positions == scoring every position, on the mask.
+    assert "policy_index" in a
+    full, _, _ = step_lib.forward(CFG, {"policy": params}, {k: v for k, v in a.items()
+                                                            if k != "policy_index"},
+                                  step_lib.StepConfig(logprob_chunk=512, temperature=0.8))
+    np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(full)[mask], atol=1e-6)
+    assert not np.asarray(logp)[~mask].any()
 
 
 def test_same_seed_same_rollouts(setup):
@@ -86,8 +93,8 @@ def test_teacher_stream_equals_policy_format(setup):
     k = 0
     for i, m in enumerate(msgs):
         if m["role"] == "assistant":
-            assert stream.prompt(msgs[:i], rollout.minimal_tools and Env(world, task).tools) == \
-                ep.agent_turns[k].prompt_ids
+            assert stream.prompt(msgs[:i], Env(world, task).tools) == \
+                (ep.agent_turns[k].prompt_ids, [])
             k += 1
 
 

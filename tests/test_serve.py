@@ -209,6 +209,43 @@ def test_tool_calls_in_the_shape_tau_bench_consumes(tool_server):
     assert final.delta.tool_calls[0].id.startswith("call_") and final.delta.tool_calls[0].index == 0
 
 
+# Bodies as tau-bench's and tau2-bench's own harnesses sent them through litellm to this server
+# (logged from real runs; texts shortened): none sets max_tokens, tau2 adds a seed and tool_choice.
+USER_SIM = [{"role": "system", "content": "You are a user interacting with an agent.\n\nInstruction: "
+                                          "You are Yusuf Rossi in 19122.\nRules:\n- One line at a time."},
+            {"role": "user", "content": "Hi! How can I help you today?"}]
+HARNESS_BODIES = {
+    "tau-bench user": dict(model=NAME, messages=USER_SIM),
+    "tau-bench agent": dict(model=NAME, messages=CHAT, temperature=0.0, tools=TOOLS),
+    "tau2 user": dict(model=NAME, messages=USER_SIM, seed=626729, temperature=0.0),
+    "tau2 agent": dict(model=NAME, messages=CHAT, tools=TOOLS, tool_choice="auto", seed=626729,
+                       temperature=0.0),
+}
+
+
+def test_harness_requests_get_the_servers_default_reply_cap(tok, model):
+    # An untrained policy rarely ends its turn: without a cap each reply would run to the end of
+    # the cache, and the next turn's prompt would no longer fit.
+    reply = tok.encode_reply({"role": "assistant", "content": "Let me look that up for you, one moment."})
+    engine = serve.Engine(ScriptedSampler(*model, reply, cache_len=CACHE), tok.stop_ids, batch=2, chunk=4)
+    srv = serve.ChatServer(engine, tok, NAME, port=0, max_tokens=6).start()
+    try:
+        assert len(reply) > 9
+        for name, body in HARNESS_BODIES.items():
+            status, payload = raw(srv, "POST", "/v1/chat/completions", json.dumps(body).encode())
+            assert status == 200, (name, payload)
+            [choice] = payload["choices"]
+            assert payload["usage"]["completion_tokens"] == 6 and choice["finish_reason"] == "length"
+            assert choice["message"]["content"] == tok.decode(reply[:6]), name
+        # A client's own max_tokens still wins, above the default as below it.
+        for n in (3, 9):
+            status, payload = raw(srv, "POST", "/v1/chat/completions",
+                                  json.dumps(dict(HARNESS_BODIES["tau2 user"], max_tokens=n)).encode())
+            assert status == 200 and payload["usage"]["completion_tokens"] == n
+    finally:
+        srv.close()
+
+
 def test_llm_judge_against_the_server_falls_back_without_losing_samples(server, tmp_path):
     task = {"instruction": "Return order #W1.", "domain": "retail", "outputs": [], "user_id": "u",
             "actions": [{"name": "get_order_details", "kwargs": {"order_id": "#W1"}}]}
@@ -248,3 +285,35 @@ def test_streamable_content_never_runs_ahead_of_the_parse():
     assert serve.streamable_content("Sure.\n<tool_call>\n{") == "Sure."
     assert serve.streamable_content("<think>\nhmm") == ""
     assert serve.streamable_content("<think>\nhmm\n</think>\n\nOK<|im") == "OK"
+
+
+def test_a_conversation_reuses_its_cached_prefix_and_answers_as_without_it(tok, model):
+    srv = serve.build(tok, *model, model_name=NAME, batch=2, cache_len=CACHE, chunk=16, port=0).start()
+    direct = Sampler(*model, cache_len=CACHE)
+
+    def ask(messages):
+        reply = client(srv).chat.completions.create(model=NAME, messages=messages, max_tokens=12,
+                                                   temperature=0)
+        prompt = tok.render(messages, add_generation_prompt=True).ids
+        [want] = direct.generate([prompt], max_new_tokens=12, temperature=0.0,
+                                 stop_tokens=tok.stop_ids)
+        assert reply.choices[0].message.content == tok.parse(want.tokens).message["content"]
+        return reply.usage.prompt_tokens_details.cached_tokens, prompt, want.tokens
+
+    try:
+        cached, first, generated = ask(CHAT)
+        assert cached == 0
+        # The client's next turn re-sends the conversation: the row's cache covers its prefix.
+        follow = CHAT + [{"role": "assistant", "content": tok.parse(generated).message["content"]},
+                         {"role": "user", "content": "And the other one?"}]
+        cached, second, _ = ask(follow)
+        # (all of the first prompt but its last newline, which the reply's text may absorb)
+        assert cached == serve.common_prefix(first + generated, second) >= len(first) - 1
+        # A new conversation takes the idle row instead of evicting the live one ...
+        cached, *_ = ask([{"role": "system", "content": "Another shop."}, {"role": "user", "content": "hi"}])
+        assert cached == 0
+        # ... which still holds the whole prompt: only its last token is prefilled again.
+        cached, *_ = ask(follow)
+        assert cached == len(second) - 1
+    finally:
+        srv.close()

@@ -10,8 +10,11 @@ import time
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ARGS = ["--config=configs/tiny.py:runlocal,credit=per_turn", "--config.model.preset=micro",
-        "--config.total_steps=3", "--config.checkpoint_every=1", "--config.eval_every=3"]
+# PPO: the critic baseline gives every step a gradient, whichever tasks the curriculum draws.
+# A KL term too, so resume must also restore the reference policy exactly.
+ARGS = ["--config=configs/tiny.py:runlocal,credit=per_turn,algo=ppo", "--config.model.preset=micro",
+        "--config.total_steps=3", "--config.checkpoint_every=1", "--config.eval_every=3",
+        "--config.rl.kl_coef=0.05"]
 
 
 def main_cmd(workdir):

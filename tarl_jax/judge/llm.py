@@ -16,6 +16,11 @@ cached on disk under `cache_dir`, keyed by a SHA-256 of the exact request (model
 temperature, max_tokens, seed, response_format) and the sample index, so re-judging replays
 answers and repairs exactly, and repeated judging for variance (`sample=k`, which also shifts
 the seed) does not collide.
+
+Repeated judging (`repeats=R`): every trajectory is judged R times, as samples 0..R-1 (distinct
+seeds and cache keys; use temperature > 0, or the repeats only measure the endpoint's own
+nondeterminism). The reward uses `majority_vote` of the R verdicts; `reliability.repeat_variance`
+measures how far they disagree.
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ DEFAULTS = dict(
     price_in_per_1m=0.0,      # USD per 1M prompt tokens, for the cost estimate
     price_out_per_1m=0.0,
     max_tool_chars=None,      # cut tool results to this many characters in the prompt (None: whole)
+    repeats=1,                # judgings per trajectory (see majority_vote)
 )
 
 RUBRIC = """You are a strict judge of a customer-service agent that uses tools.
@@ -84,6 +90,12 @@ def config(cfg: Any = None) -> dict:
         out.update({k: cfg[k] for k in cfg.keys()})
     if out["fallback"] not in ("rule", "drop"):
         raise ValueError(f"llm judge config: fallback must be 'rule' or 'drop', got {out['fallback']!r}")
+    if isinstance(out["repeats"], bool) or not isinstance(out["repeats"], int) or out["repeats"] < 1:
+        raise ValueError(f"llm judge config: repeats must be an integer >= 1, got {out['repeats']!r}")
+    if out["repeats"] > 1 and out["temperature"] == 0:
+        logging.getLogger(__name__).warning(
+            "llm judge: repeats=%d at temperature 0 measure only the endpoint's nondeterminism",
+            out["repeats"])
     return out
 
 
@@ -150,7 +162,8 @@ def parse_verdict(text: str, n_turns: int) -> tuple[list[int], list[str]]:
 
 @dataclasses.dataclass
 class JudgeStats:
-    items: int = 0
+    items: int = 0                # judgings: trajectories x repeats
+    repeats: int = 1
     requests: int = 0             # live API calls (cache hits excluded)
     cache_hits: int = 0
     tokens_in: int = 0
@@ -209,22 +222,36 @@ class LLMJudge:
 
     async def ajudge_batch(self, items: Sequence[tuple], sample: int = 0):
         """items: (task, dialogue) pairs -> ([Judgement | None per item], stats dict)."""
+        runs, stats = await self._ajudge(items, [sample])
+        return runs[0], stats
+
+    def judge_repeats(self, items: Sequence[tuple]):
+        """Sync wrapper of `ajudge_repeats`."""
+        return asyncio.run(self.ajudge_repeats(items))
+
+    async def ajudge_repeats(self, items: Sequence[tuple]):
+        """Every item judged `repeats` times (samples 0..R-1, all in flight together) ->
+        (runs: R lists of [Judgement | None per item], stats dict over all R x N judgings)."""
+        return await self._ajudge(items, range(self.cfg["repeats"]))
+
+    async def _ajudge(self, items: Sequence[tuple], samples: Sequence[int]):
         c = self.cfg
-        stats = JudgeStats(items=len(items))
+        stats = JudgeStats(items=len(items) * len(samples), repeats=len(samples))
         api_key = c["api_key"] or os.environ.get("OPENAI_API_KEY", "EMPTY")
         t0 = time.perf_counter()
         # Retries are ours (counted, backoff from config), not the client's silent ones.
         async with openai.AsyncOpenAI(base_url=c["base_url"], api_key=api_key, max_retries=0,
                                       timeout=c["timeout"]) as client:
             sem = asyncio.Semaphore(c["max_concurrency"])
-            out = await asyncio.gather(*(self._judge_one(client, sem, stats, task, dialogue, sample)
-                                         for task, dialogue in items))
+            out = await asyncio.gather(*(self._judge_one(client, sem, stats, task, dialogue, k)
+                                         for k in samples for task, dialogue in items))
         stats.wall_s = time.perf_counter() - t0
         if stats.fallbacks or stats.dropped:
             logging.getLogger(__name__).warning(
                 "llm judge: %d of %d samples fell back to the rule judge, %d dropped (see stats)",
                 stats.fallbacks, stats.items, stats.dropped)
-        return list(out), stats.as_dict()
+        n = len(items)
+        return [list(out[k * n:(k + 1) * n]) for k in range(len(samples))], stats.as_dict()
 
     async def _judge_one(self, client, sem, stats, task, dialogue, sample):
         c = self.cfg
@@ -319,3 +346,39 @@ class LLMJudge:
 def judge_batch(items: Sequence[tuple], cfg: Any = None, sample: int = 0):
     """([Judgement | None per (task, dialogue) item], stats dict) with the LLM judge of `cfg`."""
     return LLMJudge(cfg).judge_batch(items, sample)
+
+
+def judge_repeated(items: Sequence[tuple], cfg: Any = None):
+    """(majority vote per item, runs [R][N], stats dict): each item judged cfg["repeats"] times."""
+    runs, stats = LLMJudge(cfg).judge_repeats(items)
+    return [majority_vote(reps) for reps in zip(*runs)], runs, stats
+
+
+def majority_vote(verdicts: Sequence[Judgement | None]) -> Judgement | None:
+    """One verdict from repeated judgings of a trajectory: what the reward uses.
+
+    Each turn gets the score that a strict majority of the verdicts gave it, else 0: a score the
+    judge does not reproduce is noise the reward should not carry, and 0 is the neutral score.
+    Each verdict has at most one -1, so a -1 holds a strict majority on at most one turn and the
+    at-most-one -1 rule still holds. Dropped verdicts (None) do not vote; none left -> None. A
+    fallback verdict votes like any other (it is what a single judging would have used); the
+    result counts as a fallback only when every vote was one. One verdict is returned as is.
+    """
+    votes = [j for j in verdicts if j is not None]
+    if len(votes) <= 1:
+        return votes[0] if votes else None
+    if len({len(j.scores) for j in votes}) > 1:
+        raise ValueError(f"repeats scored different numbers of turns: {[len(j.scores) for j in votes]}")
+    scores, reasons = [], []
+    for t, col in enumerate(zip(*(j.scores for j in votes))):
+        s = next((v for v in (-1, 0, 1) if 2 * col.count(v) > len(votes)), None)
+        scores.append(0 if s is None else s)
+        reasons.append(f"no majority over {len(votes)} repeats: {list(col)}" if s is None else
+                       next(j.reasons[t] for j in votes if j.scores[t] == s))
+    fallbacks = sum(j.meta.get("fallback_from") is not None for j in votes)
+    meta = {"repeats": len(verdicts), "votes": len(votes), "fallbacks": fallbacks,
+            "repeat_scores": [j.scores for j in votes]}
+    if fallbacks == len(votes):
+        meta["fallback_from"] = votes[0].meta["fallback_from"]
+    llm_votes = [j for j in votes if j.meta.get("fallback_from") is None]
+    return Judgement(scores, reasons, source=(llm_votes or votes)[0].source, meta=meta)

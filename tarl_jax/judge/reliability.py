@@ -3,8 +3,12 @@
 A -1 claims "this trajectory contains a decisive mistake", so against the outcome we report the
 2x2 table (-1 present or not) x (failed or succeeded), P(fail | -1), P(no -1 | success) and
 P(-1 | fail). Between two judges: per-turn exact agreement, Cohen's kappa over the three scores,
-agreement on whether a trajectory has a -1, and on where it is when both put one. Against itself:
-variance of each turn's score and of the TARL reward over repeated judging of one trajectory.
+agreement on whether a trajectory has a -1, and on where it is when both put one. Against itself
+(`--repeats R`: the LLM judge scores each trajectory R times): variance of each turn's score and
+of the TARL reward over the repeats, how often the -1 (its presence, or its turn) changes between
+repeats, and exact agreement of the turn scores between every two repeats. With repeats, the
+verdict reported against the outcome and the other judge is the majority vote
+(`llm.majority_vote`), the one the trainer's reward uses.
 
     python -m tarl_jax.judge.reliability --episodes FILE.jsonl [--tasks TASKS.json]
         [--judge rule] [--judge llm --llm model=gpt-4.1 --llm base_url=http://... --repeats 3]
@@ -84,21 +88,38 @@ def judge_agreement(ja: Sequence[Judgement | None], jb: Sequence[Judgement | Non
 
 def repeat_variance(runs: Sequence[Sequence[Judgement | None]], outcomes: Sequence[float],
                     reward_cfg=None) -> dict:
-    """Self-consistency over repeated judging: runs[k][i] is repeat k of trajectory i."""
-    turn_vars, reward_vars, flips, n = [], [], 0, 0
+    """Self-consistency over repeated judging: runs[k][i] is repeat k of trajectory i.
+
+    Only the judge's own verdicts count: dropped ones (None) and fallbacks (another judge's,
+    meta["fallback_from"]) are left out, else a judge that never answers validly would look
+    perfectly consistent; trajectories with fewer than two left are skipped. Variances are population
+    variances over a trajectory's repeats (per turn, then averaged over all turns; of the reward,
+    averaged over trajectories). A flip: the repeats disagree on whether there is a -1
+    (presence) or on which turn it is, "none" included (turn). Pair agreement: over every two
+    repeats of a trajectory and every turn, the fraction of equal scores."""
+    turn_vars, reward_vars, presence_flips, turn_flips, n = [], [], 0, 0, 0
+    pair_equal = pair_total = 0
     for i, o in enumerate(outcomes):
-        reps = [run[i] for run in runs if run[i] is not None]
+        reps = [run[i] for run in runs if run[i] is not None and "fallback_from" not in run[i].meta]
         if len(reps) < 2:
             continue
+        if len({len(j.scores) for j in reps}) > 1:
+            raise ValueError(f"trajectory {i}: repeats scored {[len(j.scores) for j in reps]} turns")
         n += 1
         turn_vars += [statistics.pvariance(col) for col in zip(*(j.scores for j in reps))]
         reward_vars.append(statistics.pvariance([trajectory_reward(j.scores, o, reward_cfg)
                                                  for j in reps]))
-        flips += len({-1 in j.scores for j in reps}) > 1
+        presence_flips += len({-1 in j.scores for j in reps}) > 1
+        turn_flips += len({j.negative_turn for j in reps}) > 1
+        for a, b in itertools.combinations(reps, 2):
+            pair_equal += sum(x == y for x, y in zip(a.scores, b.scores))
+            pair_total += len(a.scores)
     return {"repeats": len(runs), "trajectories": n,
             "turn_score_var_mean": statistics.fmean(turn_vars) if turn_vars else None,
             "reward_var_mean": statistics.fmean(reward_vars) if reward_vars else None,
-            "neg_presence_flip_rate": _ratio(flips, n)}
+            "neg_presence_flip_rate": _ratio(presence_flips, n),
+            "neg_turn_flip_rate": _ratio(turn_flips, n),
+            "pair_exact_agreement": _ratio(pair_equal, pair_total)}
 
 
 def reward_summary(judgements: Sequence[Judgement | None], outcomes: Sequence[float],
@@ -167,31 +188,27 @@ def _parse_override(s: str) -> tuple[str, Any]:
         return key, value
 
 
-def run_judge(name: str, items, llm_cfg: dict, sample: int = 0):
-    """([Judgement | None], stats or None) of judge `name` on items."""
+def run_judge(name: str, items, llm_cfg: dict):
+    """(verdicts [Judgement | None], runs [R][N], stats or None) of judge `name` on items; the
+    LLM judge judges each item llm_cfg["repeats"] times and its verdict is their majority vote."""
     if name == "rule":
-        return [rules.judge(task, dialogue) for task, dialogue, _, _ in items], None
+        js = [rules.judge(task, dialogue) for task, dialogue, _, _ in items]
+        return js, [js], None
     if name == "llm":
-        from tarl_jax.judge.llm import LLMJudge   # the openai client only when asked for
-        return LLMJudge(llm_cfg).judge_batch([(t, d) for t, d, _, _ in items], sample)
+        from tarl_jax.judge import llm   # the openai client only when asked for
+        return llm.judge_repeated([(t, d) for t, d, _, _ in items], llm_cfg)
     raise ValueError(f"unknown judge {name!r}; choose rule or llm")
 
 
-def build_report(items, judges: Sequence[str], llm_cfg: dict | None = None, repeats: int = 1,
-                 reward_cfg=None) -> dict:
+def build_report(items, judges: Sequence[str], llm_cfg: dict | None = None, reward_cfg=None) -> dict:
     outcomes = [o for _, _, o, _ in items]
     report = {"episodes": len(items), "success_rate": statistics.fmean(outcomes), "judges": {}}
     verdicts = {}
     for name in judges:
-        runs, stats = [], []
-        for k in range(repeats if name == "llm" else 1):
-            js, st = run_judge(name, items, llm_cfg or {}, sample=k)
-            runs.append(js)
-            stats.append(st)
-        verdicts[name] = runs[0]
-        entry = {"vs_outcome": outcome_agreement(runs[0], outcomes),
-                 "rewards": reward_summary(runs[0], outcomes, reward_cfg)}
-        if stats[0] is not None:
+        verdicts[name], runs, stats = run_judge(name, items, llm_cfg or {})
+        entry = {"vs_outcome": outcome_agreement(verdicts[name], outcomes),
+                 "rewards": reward_summary(verdicts[name], outcomes, reward_cfg)}
+        if stats is not None:
             entry["stats"] = stats
         if len(runs) > 1:
             entry["self_consistency"] = repeat_variance(runs, outcomes, reward_cfg)
@@ -222,8 +239,8 @@ def format_report(report: dict) -> str:
         if r["negative_kinds"]:
             out.append("  -1 kinds (fail/success): " + ", ".join(
                 f"{k} {v['fail']}/{v['success']}" for k, v in sorted(r["negative_kinds"].items())))
-        for k, st in enumerate(e.get("stats") or []):
-            out.append(f"  run {k}: " + ", ".join(f"{a}={_fmt(b)}" for a, b in st.items()))
+        if e.get("stats"):
+            out.append("  calls: " + ", ".join(f"{a}={_fmt(b)}" for a, b in e["stats"].items()))
         if "self_consistency" in e:
             out.append("  self-consistency: " + ", ".join(
                 f"{a}={_fmt(b)}" for a, b in e["self_consistency"].items()))
@@ -246,12 +263,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="repeat to compare judges (default: rule)")
     p.add_argument("--llm", action="append", default=[], metavar="KEY=VALUE",
                    help="LLM judge config override, e.g. model=gpt-4.1 (see llm.DEFAULTS)")
-    p.add_argument("--repeats", type=int, default=1, help="LLM judging passes (self-consistency)")
+    p.add_argument("--repeats", type=int,
+                   help="LLM judgings per trajectory (self-consistency); same as --llm repeats=R")
     p.add_argument("--json", type=pathlib.Path, help="also write the report as JSON here")
     args = p.parse_args(argv)
     items = load_items(args.episodes, args.tasks, args.domain)
-    report = build_report(items, args.judge or ["rule"], dict(map(_parse_override, args.llm)),
-                          args.repeats)
+    llm_cfg = dict(map(_parse_override, args.llm))
+    if args.repeats is not None:
+        llm_cfg["repeats"] = args.repeats
+    report = build_report(items, args.judge or ["rule"], llm_cfg)
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

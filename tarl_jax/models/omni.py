@@ -92,6 +92,29 @@ def merge_audio(embeds, tokens, audio_embeds, audio_token_id):
     return jnp.where(is_audio[..., None], audio_embeds[idx].astype(embeds.dtype), embeds)
 
 
+def merge_audio_rows(embeds, tokens, audio_rows, audio_token_id):
+    """Per-row form of `merge_audio`: row b's placeholders take audio_rows[b] [A, D] in order.
+
+    What batched training and sampling use: a row's audio travels with its row (so it shards
+    with the batch), instead of one stream shared by the whole batch."""
+    is_audio = tokens == audio_token_id
+    idx = jnp.clip(jnp.cumsum(is_audio, axis=1) - 1, 0, audio_rows.shape[1] - 1)
+    picked = jnp.take_along_axis(audio_rows, idx[..., None], axis=1)
+    return jnp.where(is_audio[..., None], picked.astype(embeds.dtype), embeds)
+
+
+def audio_rows(streams, width: int, minimum: int = 16) -> np.ndarray:
+    """Per-row audio streams (each [n_b, D] or None) -> [B, A, D] zero-padded, A a power of two
+    >= `minimum` (bucketed so each jitted shape compiles once)."""
+    size = audio.bucket(max((len(s) for s in streams if s is not None), default=0), minimum)
+    dtype = next((s.dtype for s in streams if s is not None and len(s)), np.float32)
+    out = np.zeros((len(streams), size, width), dtype)
+    for b, s in enumerate(streams):
+        if s is not None and len(s):
+            out[b, :len(s)] = s
+    return out
+
+
 class Thinker(nn.Module):
     cfg: ThinkerConfig
 
@@ -165,11 +188,15 @@ class AudioEmbeddingCache:
     def get(self, waves) -> list[np.ndarray]:
         """[n_tokens_i, D] embeddings per utterance."""
         keys = [self.key(w) for w in waves]
-        todo = {k: w for k, w in zip(keys, waves) if k not in self.items}
+        return self.lookup(keys, dict(zip(keys, waves)).__getitem__)
+
+    def lookup(self, keys, wave_of) -> list[np.ndarray]:
+        """Embeddings for utterance keys; `wave_of(key)` is asked only for keys not cached."""
+        todo = [k for k in dict.fromkeys(keys) if k not in self.items]
         self.hits += len(keys) - len(todo)
         self.misses += len(todo)
         if todo:
-            mel, lens, counts = audio_inputs(list(todo.values()), self.cfg)
+            mel, lens, counts = audio_inputs([wave_of(k) for k in todo], self.cfg)
             flat = np.asarray(encode_stream(self.cfg.audio, self.params, mel, lens))
             for k, start, n in zip(todo, np.cumsum(counts) - counts, counts):
                 self.items[k] = flat[start:start + n]

@@ -2,6 +2,9 @@
 benchmarks; real weights come from `models.hf`)."""
 from __future__ import annotations
 
+import dataclasses
+
+from tarl_jax.models.audio import AudioConfig
 from tarl_jax.models.qwen import DecoderConfig
 
 PRESETS = {
@@ -31,3 +34,16 @@ def get(name: str) -> DecoderConfig:
     if name not in PRESETS:
         raise KeyError(f"model preset {name!r} unknown; choose from {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+# Audio encoders for speech mode (Qwen2.5-Omni's layout; output_dim is set to the decoder width).
+AUDIO_PRESETS = {
+    "tiny": AudioConfig(d_model=64, num_layers=2, num_heads=4, ffn_dim=128, output_dim=64),
+    "micro": AudioConfig(d_model=32, num_layers=1, num_heads=2, ffn_dim=64, output_dim=32),
+}
+
+
+def audio(name: str, output_dim: int) -> AudioConfig:
+    if name not in AUDIO_PRESETS:
+        raise KeyError(f"audio preset {name!r} unknown; choose from {sorted(AUDIO_PRESETS)}")
+    return dataclasses.replace(AUDIO_PRESETS[name], output_dim=output_dim)

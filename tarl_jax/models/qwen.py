@@ -42,6 +42,9 @@ class DecoderConfig:
     scan_layers: bool = False       # one compiled layer body for deep models
     remat: str = "none"             # none | full | dots | dots_no_batch (see REMAT_POLICIES)
     model_type: str = "qwen3"
+    # Training (no cache): attend in query blocks of this many tokens, each block rematerialised
+    # in the backward pass, so scores take [B, H, chunk, T] instead of [B, H, T, T] (0: one block).
+    attn_chunk: int = 0
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "DecoderConfig":
@@ -154,6 +157,35 @@ def attention_mask(positions, segment_ids, kv_len, cached: bool):
     return mask[:, None, None]
 
 
+def _attend(qg, k, v, mask, dt):
+    """qg [B, T, K, G, D] (query heads grouped by their kv head), k/v [B, S, K, D]."""
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(qg.shape[-1]))
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+def _chunked_attention(qg, k, v, positions, segment_ids, chunk, dt):
+    """Uncached attention one query block at a time (lax.map), each block under jax.checkpoint:
+    peak score memory is one block's, forward and backward. Same mask as `attention_mask`."""
+    b, t = qg.shape[:2]
+    n = t // chunk
+    blocks = lambda x: jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+    seg = segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32)
+
+    @jax.checkpoint
+    def one(args):
+        q_blk, seg_blk, start = args
+        rows = start + jnp.arange(chunk)
+        mask = rows[:, None] >= jnp.arange(t)[None, :]                      # causal by index
+        mask = mask[None] & (seg_blk[:, :, None] == seg[:, None, :]) & (seg_blk[:, :, None] != 0)
+        return _attend(q_blk, k, v, mask[:, None, None], dt)
+
+    out = jax.lax.map(one, (blocks(qg), blocks(seg), jnp.arange(n) * chunk))
+    return jnp.moveaxis(out, 0, 1).reshape(qg.shape)
+
+
 class Attention(nn.Module):
     cfg: DecoderConfig
 
@@ -188,16 +220,16 @@ class Attention(nn.Module):
             ck = ck.at[rows, positions].set(k.astype(ck.dtype), mode="drop")
             cv = cv.at[rows, positions].set(v.astype(cv.dtype), mode="drop")
             k, v, cache = ck.astype(dt), cv.astype(dt), (ck, cv)
-        mask = attention_mask(positions, segment_ids, k.shape[1], cache is not None)
-
         b, t = q.shape[:2]
         groups = c.num_heads // c.num_kv_heads
         qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(c.head_dim))
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+        chunk = c.attn_chunk
+        if cache is None and 0 < chunk < t and t % chunk == 0:
+            out = _chunked_attention(qg, k, v, positions, segment_ids, chunk, dt)
+        else:
+            mask = attention_mask(positions, segment_ids, k.shape[1], cache is not None)
+            out = _attend(qg, k, v, mask, dt)
+        out = out.reshape(b, t, c.num_heads, c.head_dim)
         wo = _param(self, "o", init, (c.num_heads, c.head_dim, c.hidden_size),
                     ("q_heads", "head_dim", "embed"), pdt)
         return jnp.einsum("bthk,hkd->btd", out, wo.astype(dt)), cache

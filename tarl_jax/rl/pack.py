@@ -18,6 +18,16 @@ of the same segment, so `chunked_logprobs(hidden, W, targets)` needs no shift:
     logprobs                              f32    rollout log-prob of targets[t] (0 off the mask;
                                                  NaN on a turn recorded without log-probs)
     ref_logprobs                          f32    zeros: the reference-policy slot, filled later
+    policy_index                          int32  [rows, M]: the loss-mask positions of each row,
+                                                 padded with T; M a power of two. The step scores
+                                                 only these positions (prompts, tool results and
+                                                 audio are most of a dialogue and need no logits)
+
+Speech (`audio=` a SpeechView-like object with `stream(refs)` and `width`):
+    audio                                 f32 [rows, A, D]  row r's audio embeddings, in the order
+                                                 of its <|AUDIO|> placeholders (segments left to
+                                                 right); A a power of two. Placeholders are prompt
+                                                 tokens, so the loss mask is already 0 on them.
 
 T is one of `seq_lens` and the row count one of `rows` (the pair with the least padding that
 holds every kept episode), so the train step compiles once per bucket pair.
@@ -31,6 +41,8 @@ from typing import Sequence
 
 import numpy as np
 
+from tarl_jax.models import omni
+from tarl_jax.models.audio import bucket
 from tarl_jax.sandbox.record import Episode
 
 OVERFLOW_RULES = ("truncate", "drop")
@@ -101,8 +113,11 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
 
 
 def pack(episodes: Sequence[Episode], advantages=None, *, seq_lens: Sequence[int],
-         rows: Sequence[int], overflow: str = "truncate") -> Packed:
-    """advantages: None (zeros), [N] one per episode, or [N, K] one per agent turn."""
+         rows: Sequence[int], overflow: str = "truncate", audio=None,
+         audio_token_id: int = -1) -> Packed:
+    """advantages: None (zeros), [N] one per episode, or [N, K] one per agent turn.
+    audio: give it (with the placeholder id) for speech episodes; then `arrays["audio"]` exists
+    even when no episode has audio, so a run's batches keep one set of keys."""
     if overflow not in OVERFLOW_RULES:
         raise ValueError(f"pack: overflow={overflow!r} unknown; choose from {OVERFLOW_RULES}")
     if advantages is not None and len(advantages) != len(episodes):
@@ -144,6 +159,12 @@ def pack(episodes: Sequence[Episode], advantages=None, *, seq_lens: Sequence[int
 
     if advantages is not None:
         a["advantages"] = scatter_turn_values(a, advantages, at="all")
+    a["policy_index"] = policy_index(a["loss_mask"])
+    if audio is not None:
+        a["audio"] = _audio_rows(episodes, streams, kept_len, keep, bins, n_rows, audio,
+                                 audio_token_id)
+    elif any(t.audio for ep in episodes for t in ep.agent_turns):
+        raise ValueError("pack: speech episodes need audio= (the SpeechView that heard them)")
     dropped = sum(o and overflow == "drop" for o in over)
     truncated = sum(o and overflow == "truncate" for o in over)
     lost = sum(f - k for f, k in zip(full, kept_len))
@@ -155,6 +176,38 @@ def pack(episodes: Sequence[Episode], advantages=None, *, seq_lens: Sequence[int
              "turns_without_logprobs": sum(t.logprobs is None for ep in episodes
                                            for t in ep.agent_turns)}
     return Packed(a, spans, stats)
+
+
+def policy_index(loss_mask: np.ndarray, minimum: int = 16) -> np.ndarray:
+    """[rows, T] mask -> [rows, M] positions of its True entries, padded with T (see above)."""
+    rows, t = loss_mask.shape
+    width = min(bucket(int(loss_mask.sum(1).max(initial=0)), minimum), t)
+    out = np.full((rows, width), t, np.int32)
+    for r in range(rows):
+        pos = np.flatnonzero(loss_mask[r])
+        out[r, :len(pos)] = pos
+    return out
+
+
+def _audio_rows(episodes, streams, kept_len, keep, bins, n_rows, view,
+                audio_token_id) -> np.ndarray:
+    per_row = []
+    for members in bins:
+        parts = []
+        for j in members:
+            i = keep[j]
+            refs = [r for t in episodes[i].agent_turns for r in (t.audio or [])]
+            total = int(np.sum(streams[i].tokens == audio_token_id))
+            emb = view.stream(refs)
+            have = 0 if emb is None else len(emb)
+            if have != total:
+                raise ValueError(f"pack: episode {i} ({episodes[i].task_id}) has {total} audio "
+                                 f"placeholders but its utterances give {have} embeddings")
+            kept = int(np.sum(streams[i].tokens[:kept_len[i]] == audio_token_id))  # truncation
+            if kept:
+                parts.append(emb[:kept])
+        per_row.append(np.concatenate(parts) if parts else None)
+    return omni.audio_rows(per_row + [None] * (n_rows - len(bins)), view.width)
 
 
 def scatter_turn_values(arrays: dict[str, np.ndarray], values, at: str = "all") -> np.ndarray:

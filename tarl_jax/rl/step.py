@@ -26,13 +26,15 @@ import jax.numpy as jnp
 import optax
 
 from tarl_jax import sharding
-from tarl_jax.models import qwen
+from tarl_jax.models import omni, qwen
 from tarl_jax.rl import advantages as adv_lib
 from tarl_jax.rl import losses
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "advantages",
               "logprobs", "ref_logprobs")
 PPO_KEYS = ("token_rewards", "values")
+GATHER_KEYS = ("policy_index",)  # score only the loss-mask positions (pack.policy_index)
+AUDIO_KEYS = ("audio",)   # speech: [rows, A, D] embeddings of a frozen audio encoder (pack.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,7 @@ class StepConfig:
     gamma: float = 1.0
     lam: float = 0.95
     value_coef: float = 0.5
+    audio_token_id: int = -1        # placeholder whose embedding batch["audio"] replaces
 
 
 def make_optimizer(lr: float, warmup_steps: int = 0, total_steps: int = 1000,
@@ -108,11 +111,30 @@ def init_state(policy_params, optimizer, model_cfg, ppo: bool, shardings) -> dic
 def forward(model_cfg: qwen.DecoderConfig, params: dict, batch: dict, cfg: StepConfig):
     """(logp, entropy, values|None) of batch["targets"], all [B, T] float32."""
     model = qwen.Decoder(model_cfg)
+    embeds = None
+    if "audio" in batch:
+        embeds = omni.merge_audio_rows(
+            model.apply({"params": params["policy"]}, batch["tokens"], method=qwen.Decoder.embed),
+            batch["tokens"], batch["audio"], cfg.audio_token_id)
     hidden, _ = model.apply({"params": params["policy"]}, batch["tokens"], batch["positions"],
-                            batch["segment_ids"])
+                            batch["segment_ids"], embeds=embeds)
     w = model.apply({"params": params["policy"]}, method=qwen.Decoder.output_matrix)
-    logp, ent = losses.chunked_logprobs(hidden, w, batch["targets"], cfg.logprob_chunk,
-                                        temperature=cfg.temperature)
+    if "policy_index" in batch:
+        # Only the positions the loss reads go through the vocabulary projection; the rest of
+        # logp / entropy is 0 (off the mask).
+        idx = batch["policy_index"]
+        b, t = batch["targets"].shape
+        safe = jnp.minimum(idx, t - 1)
+        logp_m, ent_m = losses.chunked_logprobs(
+            jnp.take_along_axis(hidden, safe[..., None], axis=1), w,
+            jnp.take_along_axis(batch["targets"], safe, axis=1), cfg.logprob_chunk,
+            temperature=cfg.temperature)
+        rows = jnp.arange(b)[:, None]
+        logp = jnp.zeros((b, t), logp_m.dtype).at[rows, idx].set(logp_m, mode="drop")
+        ent = jnp.zeros((b, t), ent_m.dtype).at[rows, idx].set(ent_m, mode="drop")
+    else:
+        logp, ent = losses.chunked_logprobs(hidden, w, batch["targets"], cfg.logprob_chunk,
+                                            temperature=cfg.temperature)
     values = None
     if "value" in params:
         h = jax.lax.stop_gradient(hidden).astype(jnp.float32)
@@ -174,7 +196,8 @@ def train_step(state: dict, batch: dict, rng: jax.Array, *, model_cfg, cfg: Step
 
 
 def batch_shardings(batch_keys, mesh, rules=sharding.DEFAULT_RULES) -> dict:
-    return {k: sharding.spec(mesh, "batch", "length", rules=rules) for k in batch_keys}
+    return {k: sharding.spec(mesh, "batch", *((None, None) if k in AUDIO_KEYS else ("length",)),
+                             rules=rules) for k in batch_keys}
 
 
 def jit_train_step(model_cfg, cfg: StepConfig, optimizer, mesh, state_sh, batch_keys,

@@ -35,6 +35,7 @@ class AgentReply:
     prompt_ids: list[int] | None = None  # ids fed to the policy since its previous turn
     token_ids: list[int] | None = None   # ids it generated for this message
     logprobs: list[float] | None = None
+    audio: list[str] | None = None       # speech mode: utterances heard in prompt_ids, in order
 
 
 class UserError(RuntimeError):
@@ -91,7 +92,7 @@ def run_episode(env, task, agent: Callable, user, max_steps: int = 30,
             ep.reward_info["traceback"] = traceback.format_exc()
             return ep
         turn = AgentTurn(index=step, message=message, prompt_ids=reply.prompt_ids,
-                         token_ids=reply.token_ids, logprobs=reply.logprobs)
+                         token_ids=reply.token_ids, logprobs=reply.logprobs, audio=reply.audio)
         ep.turns.append(turn)
         _bump(counters, "agent_turns")
         calls = message.get("tool_calls") or []

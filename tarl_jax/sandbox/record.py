@@ -24,6 +24,8 @@ class AgentTurn:
     token_ids: list[int] | None = None
     logprobs: list[float] | None = None
     errors: list[str] = dataclasses.field(default_factory=list)  # malformed tool calls etc.
+    # Speech mode: the utterances (audio refs) whose <|AUDIO|> placeholders are in prompt_ids, in order.
+    audio: list[str] | None = None
 
 
 @dataclasses.dataclass
