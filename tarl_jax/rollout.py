@@ -171,7 +171,7 @@ class _Stream:
 
     def prompt(self, messages: list[dict], tools: list[dict]) -> tuple[list[int], list[str]]:
         """(ids to feed, refs of the utterances heard in them)."""
-        new = messages[self.seen:]
+        new = [_escape_audio(m) for m in messages[self.seen:]]
         refs: list[str] = []
         if self.speech is not None:
             new, refs = self.speech.speak_messages(new, self.user_id)
@@ -185,6 +185,20 @@ class _Stream:
                                          close_turn=self.cut)
         self.seen = len(messages) + 1
         return ids, refs
+
+
+_AUDIO_MARKERS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
+
+
+def _escape_audio(message: dict) -> dict:
+    """Text that spells an audio marker (a tool echoing a sampled argument, say) must not become
+    a placeholder of audio nobody heard: `<|AUDIO|>` in text is fed as `< |AUDIO|>`."""
+    content = message.get("content")
+    if not isinstance(content, str) or "<|audio" not in content.lower():
+        return message
+    for marker in _AUDIO_MARKERS:
+        content = content.replace(marker, "< " + marker[1:])
+    return {**message, "content": content}
 
 
 class PolicyAgent:

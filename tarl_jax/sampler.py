@@ -112,10 +112,11 @@ def token_logprobs(logits, tokens, temperature):
 
 
 def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, top_p, top_k,
-           stop_tokens, max_new, logprob_temperature, *, steps: int, truncate: bool):
+           stop_tokens, max_new, logprob_temperature, banned=-1, *, steps: int, truncate: bool):
     """Sample until every row stops; returns (state, tokens [B, steps] (-1 past the end),
     logprobs [B, steps], counts [B], reasons [B]). stop_tokens: [B, K] int, padded with -1;
-    logprobs are taken under log_softmax(logits / logprob_temperature)."""
+    logprobs are taken under log_softmax(logits / logprob_temperature). `banned` (a token id,
+    -1 none) is never sampled; like truncation, the ban is not reflected in the log-probs."""
     batch, cache_len = state.length.shape[0], state.cache["k"].shape[2]
     # One key per row when given (a row's samples then do not depend on the batch it is in).
     row_keys = rng if rng.ndim == 1 else jax.random.split(rng, batch)
@@ -133,7 +134,8 @@ def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, to
         active = reason == RUNNING
         logits = model.apply({"params": params}, st.hidden, method=qwen.Decoder.logits)
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-        tok = sample_logits(logits, keys, temperature, top_p, top_k, truncate)
+        allowed = jnp.where(jnp.arange(logits.shape[-1]) == banned, -jnp.inf, logits)
+        tok = sample_logits(allowed, keys, temperature, top_p, top_k, truncate)
         lp = token_logprobs(logits, tok, logprob_temperature)
         st = append(model, params, st, tok[:, None], active.astype(jnp.int32))
         out_tok = out_tok.at[:, step].set(jnp.where(active, tok, -1))
@@ -303,6 +305,8 @@ class Sampler:
         state, tokens, logprobs, counts, reasons = _decode_jit(
             self.model, self.params, state, rng, temperature, top_p, top_k,
             _stop_array(stop_tokens, batch), max_new, logprob_temperature.astype(np.float32),
+            # An <|AUDIO|> the policy wrote would be taken for a placeholder of heard audio.
+            -1 if self.audio_token_id is None else self.audio_token_id,
             steps=steps, truncate=truncate)
         tokens, logprobs, counts, reasons = jax.device_get((tokens, logprobs, counts, reasons))
         return state, [Completion(tokens[b, :n].tolist(), logprobs[b, :n].tolist(), REASONS[int(r)])

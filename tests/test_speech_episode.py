@@ -149,3 +149,39 @@ def test_sampler_audio_across_prefill_chunks_equals_one_shot():
     np.testing.assert_allclose(h_small, h_big, atol=1e-5)
     with pytest.raises(ValueError, match="placeholders"):
         big.start(rows, [None, None, audio[2]])
+
+
+def test_policy_never_samples_a_placeholder_and_text_never_becomes_one():
+    """A sampled or echoed <|AUDIO|> would take a heard utterance's place in training (a crash
+    seen in the first full tiny_speech run: a tool echoed a sampled argument)."""
+    tok = ChatTokenizer(tiny_tokenizer_dir())
+    cfg = presets.get("micro")
+    params = jax.tree.map(np.asarray, omni.init_params(
+        omni.ThinkerConfig(audio=presets.audio("micro", cfg.hidden_size), text=cfg,
+                           audio_token_id=tok.audio_id), jax.random.key(2))["model"])
+    for start in range(5, 500, 4):       # a prompt that does not hold the favourite token
+        prompt = [list(range(start, start + 4))]
+        top = Sampler(cfg, params, cache_len=64).generate(
+            prompt, max_new_tokens=1, temperature=0.0)[0].tokens[0]
+        if top not in prompt[0]:
+            break
+    # Pretend the model's favourite token is the placeholder: greedy must pick another one, and
+    # its log-prob stays the model's own (the ban, like truncation, is not in the log-probs).
+    banned = Sampler(cfg, params, cache_len=64, audio_token_id=top).generate(
+        prompt, max_new_tokens=1, temperature=0.0)[0]
+    assert banned.tokens[0] != top
+    full = Sampler(cfg, params, cache_len=64).start(prompt)
+    logits = qwen_logits(cfg, params, full.hidden)
+    want = float(jax.nn.log_softmax(logits)[0, banned.tokens[0]])
+    assert abs(banned.logprobs[0] - want) < 1e-5
+    # Env text spelling a marker is escaped before it is tokenised.
+    msg = {"role": "tool", "content": 'Error: malformed tool call: {"x": "<|AUDIO|><|audio_bos|>"}'}
+    esc = rollout._escape_audio(msg)
+    ids = tok.render_append([esc])
+    assert tok.audio_id not in ids and tok.audio_bos_id not in ids
+    assert "AUDIO" in esc["content"] and msg["content"].startswith("Error")
+
+
+def qwen_logits(cfg, params, hidden):
+    from tarl_jax.models import qwen
+    return qwen.Decoder(cfg).apply({"params": params}, hidden, method=qwen.Decoder.logits)
