@@ -179,12 +179,16 @@ def score_episodes(episodes, tasks, config) -> tuple[np.ndarray, np.ndarray | No
             rep = reliability.repeat_variance(runs, [outcomes[i] for i in judged], dict(config.reward))
             metrics.update({f"judge/repeat_{k}": float(v) for k, v in rep.items()
                             if v is not None and k != "repeats"})
-        # The rule judge as a free yardstick: how far does the LLM judge agree with it?
-        agree = reliability.judge_agreement(
-            [judgements[i] for i in judged], [rule_judge.judge(tasks[i], episodes[i]) for i in judged])
-        for key in ("turn_exact_agreement", "turn_kappa", "neg_presence_agreement"):
-            if agree[key] is not None:
-                metrics[f"judge/llm_vs_rule/{key}"] = float(agree[key])
+        # The rule judge as a free yardstick: how far does the LLM judge agree with it? Only the
+        # LLM's own verdicts count (a fallback *is* the rule judge's and would read as agreement).
+        own = [i for i in judged if judgements[i] is not None
+               and "fallback_from" not in judgements[i].meta]
+        if own:
+            agree = reliability.judge_agreement(
+                [judgements[i] for i in own], [rule_judge.judge(tasks[i], episodes[i]) for i in own])
+            for key in ("turn_exact_agreement", "turn_kappa", "neg_presence_agreement"):
+                if agree[key] is not None:
+                    metrics[f"judge/llm_vs_rule/{key}"] = float(agree[key])
     w = dict(config.reward)
     rewards, per_turn = [], []
     for ep, j, o in zip(episodes, judgements, outcomes):

@@ -303,3 +303,5 @@ def test_score_episodes_rewards_the_vote_and_reports_repeats(server, tmp_path):
     assert metrics["judge/repeat_turn_score_var_mean"] == pytest.approx(grid.var(axis=0).mean())
     rv = np.var([trajectory_reward(SEEDED[k], 0.0, w) for k in range(3)]) / 2
     assert metrics["judge/repeat_reward_var_mean"] == pytest.approx(rv)
+    # Valid verdicts of its own: the LLM judge is compared with the rule judge.
+    assert 0.0 <= metrics["judge/llm_vs_rule/turn_exact_agreement"] <= 1.0

@@ -47,7 +47,8 @@ def test_llm_judge_through_own_server_falls_back_and_is_compared_to_rules(tmp_pa
     finally:
         srv.close()
     # A random tiny model never writes a valid verdict: every item falls back to the rule judge,
-    # counted, none lost, and the agreement with the rule judge is then exact.
+    # counted, none lost; with no verdict of its own there is no LLM-vs-rule agreement to report
+    # (the fallbacks are the rule judge's and would read as perfect agreement).
     assert metrics["judge/fallbacks"] == len(episodes)
-    assert metrics["judge/llm_vs_rule/turn_exact_agreement"] == 1.0
+    assert not any(k.startswith("judge/llm_vs_rule/") for k in metrics)
     assert len(rewards) == len(episodes) and (rewards > 10).all()
