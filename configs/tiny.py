@@ -33,9 +33,10 @@ def get_config(arg: str | None = None):
 
     # tokenizer: tiny | qwen3 | hf (hf_dir's own) | a directory.
     # audio: "" text only; an audio preset (tiny) or "hf" (hf_dir is a Qwen2.5-Omni checkpoint)
-    # gives the policy ears for speech batches (see configs/tiny_speech.py).
+    # gives the policy ears for speech batches (see configs/tiny_speech.py); train_audio: RL
+    # updates the audio encoder too (default: frozen, its embeddings cached per utterance).
     c.model = dict(preset="tiny", hf_dir="", gguf="", tokenizer="tiny", dtype="float32",
-                   scan_layers=False, remat="none", attn_chunk=0, audio="")
+                   scan_layers=False, remat="none", attn_chunk=0, audio="", train_audio=False)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.rules = ml_collections.config_dict.placeholder(tuple)  # None: sharding.DEFAULT_RULES
 

@@ -272,7 +272,7 @@ def run_batch(tasks: Sequence, run_one: Callable[[Any, Callable], Episode], samp
 def mark_speech(ep: Episode) -> None:
     """Mode "speech", and each user EnvTurn's `audio` = the refs the agent heard for it (every
     user message is heard once, in order, by the turn that follows it)."""
-    heard = [r for t in ep.agent_turns for r in (t.audio or [])]
+    heard = ep.heard_audio
     users = [t for t in ep.turns if getattr(t, "kind", None) == "user"]
     # The last user message (e.g. ###STOP###) may never have been heard by an agent turn.
     for turn, ref in zip(users, heard):

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarl_jax.models import omni, qwen
+from tarl_jax.models import bucket, omni, qwen
 
 RUNNING, STOP, LENGTH, CACHE_FULL = 0, 1, 2, 3
 REASONS = {STOP: "stop", LENGTH: "length", CACHE_FULL: "cache_full"}
@@ -165,10 +165,6 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "cache_full"
 
 
-def _bucket(n: int, minimum: int) -> int:
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
-
-
 def _per_row(value, batch: int, dtype, name: str) -> np.ndarray:
     arr = np.asarray(value, dtype)
     if arr.ndim == 0:
@@ -185,7 +181,7 @@ def _stop_array(stop_tokens, batch: int) -> np.ndarray:
         rows = [rows] * batch
     if len(rows) != batch:
         raise ValueError(f"stop_tokens: expected one id list shared or {batch} lists, got {len(rows)}")
-    width = _bucket(max(len(r) for r in rows), 4)
+    width = bucket(max(len(r) for r in rows), 4)
     out = np.full((batch, width), -1, np.int32)
     for b, r in enumerate(rows):
         out[b, :len(r)] = r
@@ -246,7 +242,7 @@ class Sampler:
         is_audio = self._audio_positions(new_tokens, audio)
         for start in range(0, int(num.max(initial=0)), self.prefill_chunk):
             chunk = np.clip(num - start, 0, self.prefill_chunk)
-            width = min(_bucket(int(chunk.max()), self.min_bucket), self.prefill_chunk)
+            width = min(bucket(int(chunk.max()), self.min_bucket), self.prefill_chunk)
             tokens = np.zeros((batch, width), np.int32)
             for b, t in enumerate(new_tokens):
                 tokens[b, :chunk[b]] = t[start:start + chunk[b]]
@@ -301,7 +297,7 @@ class Sampler:
         sampled = temperature > 0
         truncate = bool(np.any(sampled & ((top_p < 1) | (top_k > 0))))
         logprob_temperature = np.where(sampled & (self.logprobs == "tempered"), temperature, 1.0)
-        steps = _bucket(min(int(max_new.max()), self.cache_len), self.min_bucket)
+        steps = bucket(min(int(max_new.max()), self.cache_len), self.min_bucket)
         state, tokens, logprobs, counts, reasons = _decode_jit(
             self.model, self.params, state, rng, temperature, top_p, top_k,
             _stop_array(stop_tokens, batch), max_new, logprob_temperature.astype(np.float32),

@@ -9,9 +9,10 @@ very text the user simulator produced: the same words, voice and conditions give
 so it is the user's utterance whichever side makes it.
 
 An utterance is named by a hash of its samples (`ref`, the key of `omni.AudioEmbeddingCache`),
-recorded on each agent turn whose prompt holds its placeholders. The encoder is frozen: its
-embeddings are computed once per utterance, in one batched call per sampler round, and shared by
-the G samples of a task, every round and every log-prob pass of the learner. A ref stays
+recorded on each agent turn whose prompt holds its placeholders. Embeddings are computed once per
+utterance and encoder version, in one batched call per sampler round, and shared by the G samples
+of a task and every round; with a frozen encoder also by every log-prob pass of the learner (a
+trained one is run inside the train step on the utterances' log-mel, `mel_rows`). A ref stays
 resolvable for the whole run: the view keeps its (text, voice) and re-synthesises (a TTS cache
 hit) if the bounded wave and embedding caches have let it go.
 """
@@ -74,6 +75,21 @@ class SpeechView:
     def embeddings(self, refs) -> list[np.ndarray]:
         """[n_i, D] per ref (call from one thread: the encoder cache is not thread-safe)."""
         return self.embeds.lookup(list(refs), self._wave)
+
+    def set_encoder(self, params) -> None:
+        """A trained encoder's new weights: embeddings from the old ones are dropped."""
+        if params is not self.embeds.params:
+            self.embeds.params = params
+            self.embeds.items.clear()
+
+    def token_counts(self, refs) -> list[int]:
+        """<|AUDIO|> placeholders of each utterance."""
+        return [int(omni.audio_token_count(len(self._wave(r)))) for r in refs]
+
+    def mel_rows(self, row_refs) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, its utterances' log-mel chunks: what a train step that runs the encoder
+        takes (see omni.audio_row_inputs)."""
+        return omni.audio_row_inputs([[self._wave(r) for r in refs] for refs in row_refs], self.cfg)
 
     def stream(self, refs) -> np.ndarray | None:
         """The refs' embeddings concatenated [sum n_i, D] (None when there are none)."""

@@ -73,7 +73,7 @@ def load_model(mcfg, mesh, rules, seed: int, with_audio: bool = False):
     if audio_kind == "hf":
         tcfg = omni.ThinkerConfig.from_hf(
             json.loads((pathlib.Path(mcfg.hf_dir) / "config.json").read_text()),
-            text_overrides=overrides, freeze_audio=True)
+            text_overrides=overrides, freeze_audio=not mcfg.get("train_audio", False))
         tcfg, both = omni.load_thinker(mcfg.hf_dir, tcfg, mesh=mesh, rules=rules)
         cfg, params, thinker = tcfg.text, both["model"], (tcfg, both["audio_tower"])
     elif mcfg.hf_dir:
@@ -90,7 +90,8 @@ def load_model(mcfg, mesh, rules, seed: int, with_audio: bool = False):
             jax.random.key(seed))
     if audio_kind and thinker is None:
         tcfg = omni.ThinkerConfig(audio=presets.audio(audio_kind, cfg.hidden_size), text=cfg,
-                                  audio_token_id=tok.audio_id, freeze_audio=True)
+                                  audio_token_id=tok.audio_id,
+                                  freeze_audio=not mcfg.get("train_audio", False))
         thinker = (tcfg, nn.unbox(audio_model.boxed_params(tcfg.audio, jax.random.key(seed + 1))))
     if thinker is not None and thinker[0].audio_token_id != tok.audio_id:
         raise ValueError(f"the checkpoint's audio_token_id {thinker[0].audio_token_id} is not the "
@@ -263,6 +264,13 @@ class Trainer:
                                                                c.seed, with_audio=True)
         self.speech = make_speech_view(c, thinker)   # None: text only
         self.audio_id = self.tok.audio_id if self.speech else None
+        # model.train_audio: RL updates the audio encoder too (params["audio"]); the step encodes
+        # the batch's log-mel itself and rollouts re-encode with each new version.
+        self.train_audio = bool(c.model.get("train_audio", False))
+        if self.train_audio and self.speech is None:
+            raise ValueError("model.train_audio=True needs a model that hears: set model.audio")
+        audio_cfg = thinker[0].audio if self.train_audio else None
+        self._initial_audio = thinker[1] if self.train_audio else None
         self.world = build_world(c)
         self.curriculum = curriculum_lib.Curriculum.from_config(
             c, c.curriculum.data_dir or self.workdir / "data")
@@ -275,15 +283,16 @@ class Trainer:
                                    kl_estimator=c.rl.kl_estimator),
             logprob_chunk=c.rl.logprob_chunk, microbatches=c.rl.microbatches,
             temperature=c.rollout.temperature, ppo=self.ppo, gamma=c.rl.gamma, lam=c.rl.lam,
-            audio_token_id=self.audio_id or -1)
+            audio_token_id=self.audio_id or -1, audio=audio_cfg)
         self.optimizer = step_lib.make_optimizer(
             c.optim.lr, c.optim.warmup_steps, c.total_steps, c.optim.schedule, c.optim.clip_norm,
             c.optim.weight_decay, critic_lr=c.optim.critic_lr if self.ppo else None)
         self.state_sh = step_lib.state_shardings(self.model_cfg, self.optimizer, self.ppo,
-                                                 self.mesh, self.rules)
+                                                 self.mesh, self.rules, audio_cfg)
         self.keys = (step_lib.BATCH_KEYS + step_lib.GATHER_KEYS
                      + (step_lib.PPO_KEYS if self.ppo else ())
-                     + (step_lib.AUDIO_KEYS if self.speech else ()))
+                     + ((step_lib.MEL_KEYS if self.train_audio else step_lib.AUDIO_KEYS)
+                        if self.speech else ()))
         self.train_step = step_lib.jit_train_step(self.model_cfg, self.step_cfg, self.optimizer,
                                                   self.mesh, self.state_sh, self.keys, self.rules)
         self.score = step_lib.make_score_fn(self.model_cfg, self.step_cfg, self.mesh,
@@ -304,7 +313,7 @@ class Trainer:
         if latest is not None:
             abstract = jax.eval_shape(
                 lambda: step_lib.init_state(self._initial_params, self.optimizer, self.model_cfg,
-                                            self.ppo, self.state_sh))
+                                            self.ppo, self.state_sh, self._initial_audio))
             abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                     abstract, self.state_sh)
             state, meta = self.ckpt.restore(abstract)
@@ -315,7 +324,7 @@ class Trainer:
                 self.curriculum.set_state(meta["curriculum"])
             if self.config.rl.kl_coef:
                 self.ref_params = ckpt_lib.restore_params(self.workdir / "reference",
-                                                          abstract["params"]["policy"])
+                                                          _reference(abstract["params"]))
             log.info("resumed from step %d in %s", latest, self.ckpt.directory)
             return state, meta
         params = self._initial_params
@@ -323,12 +332,13 @@ class Trainer:
         if self.config.warmstart.steps:
             params, sft = self.warm_start(params)
             meta["warmstart"] = sft
-        state = step_lib.init_state(params, self.optimizer, self.model_cfg, self.ppo, self.state_sh)
+        state = step_lib.init_state(params, self.optimizer, self.model_cfg, self.ppo, self.state_sh,
+                                    self._initial_audio)
         if self.config.rl.kl_coef:
             # The KL anchor is the policy RL starts from (after the warm start), kept on disk so
             # a resumed run anchors to the same weights.
             # A copy: the train step donates (reuses) the state's buffers.
-            self.ref_params = jax.tree.map(lambda x: x.copy(), state["params"]["policy"])
+            self.ref_params = jax.tree.map(lambda x: x.copy(), _reference(state["params"]))
             ckpt_lib.save_params(self.workdir / "reference", self.ref_params)
         meta["evals"].append({"step": 0, **self.evaluate(state)})
         meta["curriculum"] = self.curriculum.get_state()
@@ -384,19 +394,23 @@ class Trainer:
     # -- rollouts ----------------------------------------------------------------------------
     def rollouts(self, params, tasks, samples, temperature, rng, first_task: int = 0,
                  speech: bool = False):
-        """G = `samples` episodes per task; episode ids (which seed sampling) are global, so a
-        host computes exactly what a single process would for the same tasks. `speech`: the
-        users speak (needs a model that hears: `model.audio`)."""
+        """G = `samples` episodes per task of the policy `params` (the state's params tree);
+        episode ids (which seed sampling) are global, so a host computes exactly what a single
+        process would for the same tasks. `speech`: the users speak (needs a model that hears:
+        `model.audio`)."""
         if speech and self.speech is None:
             raise ValueError("a speech batch needs a model that hears: set model.audio "
                              "(e.g. configs/tiny_speech.py)")
+        params = {k: v for k, v in params.items() if k in ("policy", "audio")}
         if jax.process_count() > 1:
             # Each host samples its own episodes on its own devices: a full local replica of
             # the policy (the train-step params are sharded across hosts).
             from jax.experimental import multihost_utils
             params = jax.device_put(multihost_utils.process_allgather(params, tiled=True),
                                     jax.local_devices()[0])
-        self.sampler.params = params
+        self.sampler.params = params["policy"]
+        if "audio" in params:
+            self.speech.set_encoder(params["audio"])
         cfg = rollout.DecodeConfig(max_turn_tokens=self.config.rollout.max_turn_tokens,
                                    temperature=temperature, top_p=self.config.rollout.top_p,
                                    top_k=self.config.rollout.top_k)
@@ -417,7 +431,7 @@ class Trainer:
     def _evaluate(self, state, speech: bool) -> dict:
         r = self.config.rollout
         tasks, first = distributed.host_share(self.world.eval)
-        eps, _ = self.rollouts(state["params"]["policy"], tasks, r.eval_samples,
+        eps, _ = self.rollouts(state["params"], tasks, r.eval_samples,
                                r.eval_temperature, jax.random.fold_in(self.rng, 1), first, speech)
         trials: dict[str, list[float]] = {}
         turns = []
@@ -434,7 +448,8 @@ class Trainer:
         config are global; a host gets bucket / host count rows."""
         c, hosts = self.config.pack, jax.process_count()
         rows = [r // hosts for r in c.rows if r % hosts == 0]
-        audio = dict(audio=self.speech, audio_token_id=self.audio_id or -1)
+        audio = dict(audio=self.speech, audio_token_id=self.audio_id or -1,
+                     audio_as="mel" if self.train_audio else "embeddings")
         packed = pack.pack(episodes, advs, seq_lens=c.seq_lens, rows=rows, overflow=c.overflow,
                            **audio)
         shapes = distributed.allgather_json([packed.stats["seq_len"], packed.stats["rows"]])
@@ -452,7 +467,7 @@ class Trainer:
         batch = self.curriculum.next(step)   # this host's block of the step's tasks
         tasks, first, self.batch_kind = batch.tasks, batch.first, batch.kind
         key = jax.random.fold_in(jax.random.fold_in(self.rng, 0), step)
-        episodes, rstats = self.rollouts(state["params"]["policy"], tasks, c.rollout.samples_per_task,
+        episodes, rstats = self.rollouts(state["params"], tasks, c.rollout.samples_per_task,
                                          c.rollout.temperature, key, first,
                                          speech=self.batch_kind == "speech")
         t_roll = time.perf_counter() - t0
@@ -478,7 +493,7 @@ class Trainer:
             batch["values"] = values
         if c.rl.kl_coef:
             # The PPO critic rides along unused: the score fn is compiled for the full params tree.
-            ref_logp, _ = self.score({**state["params"], "policy": self.ref_params}, batch)
+            ref_logp, _ = self.score({**state["params"], **self.ref_params}, batch)
             batch["ref_logprobs"] = ref_logp
         for epoch in range(c.rl.epochs):
             state, m = self.train_step(state, batch, jax.random.fold_in(key, epoch))
@@ -539,17 +554,23 @@ class Trainer:
 
 
 def _agree_widths(arrays: dict) -> None:
-    """Hosts' bucketed second dims (policy_index [rows, M], audio [rows, A, D]) must agree:
-    pad each to the largest (positions with T, embeddings with zeros)."""
+    """Hosts' bucketed second dims (policy_index [rows, M], audio [rows, A, D], mel [rows, C,
+    ...]) must agree: pad each to the largest (positions with T, embeddings and chunks with
+    zeros: a chunk of 0 frames is padding)."""
     if jax.process_count() == 1:
         return
     t = arrays["tokens"].shape[1]
-    for key, fill in (("policy_index", t), ("audio", 0)):
+    for key, fill in (("policy_index", t), ("audio", 0), ("mel", 0), ("mel_lens", 0)):
         if key in arrays:
             x = arrays[key]
             size = max(distributed.allgather_json(x.shape[1]))
             pad = [(0, 0), (0, size - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
             arrays[key] = np.pad(x, pad, constant_values=fill)
+
+
+def _reference(params: dict) -> dict:
+    """The KL anchor's part of the params: all but the critic."""
+    return {k: v for k, v in params.items() if k != "value"}
 
 
 def _tool_view(config):

@@ -55,9 +55,9 @@ def test_reference_is_the_warm_started_policy(runs):
     assert meta["warmstart"]["expert_solved"] > 0
     # An independent warm start from the same random init reproduces the reference exactly ...
     warm, _ = again.warm_start(again._initial_params)
-    assert identical(t.ref_params, warm)
+    assert identical(t.ref_params["policy"], warm)
     # ... and it is not the random init the warm start began from.
-    assert not identical(t.ref_params, random_init)
+    assert not identical(t.ref_params["policy"], random_init)
     # The step-0 checkpoint (the policy RL started from) holds the same weights, and the train
     # step's buffer donation left the in-memory reference intact over the RL steps.
     abstract = jax.eval_shape(lambda: step_lib.init_state(warm, t.optimizer, t.model_cfg, t.ppo,
@@ -69,7 +69,7 @@ def test_reference_is_the_warm_started_policy(runs):
         step0, _ = ckpt.restore(abstract, step=0)
     finally:
         ckpt.close()
-    assert identical(t.ref_params, step0["params"]["policy"])
+    assert identical(t.ref_params["policy"], step0["params"]["policy"])
 
 
 def test_kl_is_zero_at_the_start_and_grows_after_an_update(runs):
@@ -83,4 +83,4 @@ def test_restart_restores_a_bit_identical_reference(runs):
     _, t, _, again, _, state = runs
     assert int(jax.device_get(state["step"])) == 2          # resumed, not re-initialised
     assert identical(again.ref_params, t.ref_params)
-    assert not identical(again.ref_params, state["params"]["policy"])  # the policy moved on
+    assert not identical(again.ref_params["policy"], state["params"]["policy"])  # the policy moved on

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tarl_jax import rollout
+from tarl_jax import rollout, sharding
 from tarl_jax.models import omni, presets
 from tarl_jax.models.tokenizer import ChatTokenizer, tiny_tokenizer_dir
 from tarl_jax.rl import pack
@@ -55,7 +55,7 @@ def test_user_turns_are_heard_as_audio(setup):
     for ep in episodes:
         assert ep.mode == "speech" and ep.agent_turns
         users = [t for t in ep.turns if getattr(t, "kind", None) == "user"]
-        heard = [r for t in ep.agent_turns for r in (t.audio or [])]
+        heard = ep.heard_audio
         assert heard and [t.audio[0] for t in users[:len(heard)]] == heard
         # The transcript stays text: the judge and the user simulator read it.
         assert all(isinstance(m["content"], str) for m in ep.messages if m["role"] == "user")
@@ -76,7 +76,7 @@ def test_sampler_logprobs_equal_the_thinker_forward(setup):
     tok, cfg, params, view, episodes = setup
     for ep in episodes:
         stream = pack.episode_stream(ep)
-        refs = [r for t in ep.agent_turns for r in (t.audio or [])]
+        refs = ep.heard_audio
         mel, lens, _ = omni.audio_inputs([view._wave(r) for r in refs], cfg)
         tokens = jnp.asarray(stream.tokens)[None]
         positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
@@ -107,6 +107,51 @@ def test_packed_speech_batch_masks_audio_and_matches_rollout(setup):
     plain = {k: v for k, v in a.items() if k != "audio"}
     logp_text, _, _ = step_lib.forward(cfg.text, {"policy": params["model"]}, plain, step_cfg)
     assert np.abs(np.asarray(logp_text)[mask] - a["logprobs"][mask]).max() > 1e-3
+
+
+def test_trained_encoder_step_encodes_the_rows_log_mel(setup):
+    """model.train_audio: the batch carries each row's log-mel chunks and the step runs the
+    encoder. Same log-probs as the cached embeddings (so the rollout's), and a gradient that
+    reaches the encoder and moves it."""
+    tok, cfg, params, view, episodes = setup
+    kw = dict(seq_lens=(4096,), rows=(2, 4), audio=view, audio_token_id=tok.audio_id)
+    advs = np.array([1.0, -1.0, 0.5], np.float32)
+    emb = pack.pack(episodes, advs, **kw).arrays
+    mel = pack.pack(episodes, advs, audio_as="mel", **kw).arrays
+    assert "audio" not in mel and mel["mel"].shape[:2] == mel["mel_lens"].shape
+    np.testing.assert_array_equal(emb["tokens"], mel["tokens"])
+    step_cfg = step_lib.StepConfig(logprob_chunk=512, audio_token_id=tok.audio_id, audio=cfg.audio)
+    both = {"policy": params["model"], "audio": params["audio_tower"]}
+    logp_emb, _, _ = step_lib.forward(cfg.text, both, emb, step_cfg)
+    logp_mel, _, _ = step_lib.forward(cfg.text, both, mel, step_cfg)
+    mask = mel["loss_mask"]
+    np.testing.assert_allclose(np.asarray(logp_mel)[mask], np.asarray(logp_emb)[mask], atol=1e-5)
+    assert np.abs(np.asarray(logp_mel)[mask] - mel["logprobs"][mask]).max() < 1e-5
+    # One jitted update with the encoder in the state: it gets a gradient and moves.
+    opt = step_lib.make_optimizer(1e-2)
+    mesh = sharding.make_mesh()
+    sh = step_lib.state_shardings(cfg.text, opt, False, mesh, audio_cfg=cfg.audio)
+    state = step_lib.init_state(params["model"], opt, cfg.text, False, sh, params["audio_tower"])
+    before = jax.tree.map(np.array, state["params"]["audio"])
+    keys = step_lib.BATCH_KEYS + step_lib.GATHER_KEYS + step_lib.MEL_KEYS
+    fn = step_lib.jit_train_step(cfg.text, step_cfg, opt, mesh, sh, keys)
+    state, m = fn(state, step_lib.device_batch(mel, keys, mesh), jax.random.key(0))
+    moved = [np.abs(np.asarray(a) - b).max() for a, b in
+             zip(jax.tree.leaves(state["params"]["audio"]), jax.tree.leaves(before))]
+    assert float(m["grad_norm"]) > 0 and min(moved) > 0, moved
+
+
+def test_a_new_encoder_version_drops_cached_embeddings(setup):
+    tok, cfg, params, view, episodes = setup
+    refs = episodes[0].heard_audio[:1]
+    old = view.stream(refs)
+    try:
+        view.set_encoder(jax.tree.map(lambda x: x * 1.5, params["audio_tower"]))
+        new = view.stream(refs)
+        assert new.shape == old.shape and np.abs(new - old).max() > 1e-3
+    finally:
+        view.set_encoder(params["audio_tower"])
+    np.testing.assert_allclose(view.stream(refs), old, atol=1e-6)
 
 
 def test_truncated_speech_episode_keeps_only_its_heard_audio(setup):

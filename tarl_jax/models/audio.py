@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tarl_jax.models import bucket
+
 SAMPLE_RATE = 16_000
 N_FFT = 400
 HOP = 160
@@ -115,11 +117,6 @@ def output_tokens(frames) -> np.ndarray:
     """Audio tokens for `frames` mel frames: conv2 halves (ceil), the pool halves (floor)."""
     after_conv = (np.asarray(frames) - 1) // 2 + 1
     return (after_conv - 2) // 2 + 1
-
-
-def bucket(n: int, minimum: int = 8) -> int:
-    """Next power of two >= n (at least `minimum`): few distinct shapes, at most 2x padding."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
 def chunk_plan(frames, frames_per_row: int, window: int = 200, minimum: int = 8):

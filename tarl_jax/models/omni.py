@@ -29,7 +29,7 @@ import numpy as np
 from safetensors import safe_open
 
 from tarl_jax import sharding as shd
-from tarl_jax.models import audio, hf, qwen
+from tarl_jax.models import audio, bucket, hf, qwen
 
 AUDIO_TOKEN_ID = 151646  # <|AUDIO|> in Qwen2.5-Omni checkpoints
 # Parts of a full Omni checkpoint the thinker does not use (speech output, vision).
@@ -84,6 +84,13 @@ def encode_stream(cfg: audio.AudioConfig, params, mel, mel_lens):
     return compact(*audio.AudioEncoder(cfg).apply({"params": params}, mel, mel_lens))
 
 
+def encode_rows(cfg: audio.AudioConfig, params, mel, mel_lens):
+    """Per-row encoder (a trained encoder inside the train step): mel [R, C, n_mels, window],
+    valid frames [R, C] -> [R, C*window/4, D], each row's audio tokens first, in order."""
+    enc = audio.AudioEncoder(cfg)
+    return jax.vmap(lambda m, n: compact(*enc.apply({"params": params}, m, n)))(mel, mel_lens)
+
+
 def merge_audio(embeds, tokens, audio_embeds, audio_token_id):
     """Put audio_embeds [N, D] (a stream, consumed in order) at the placeholder positions."""
     is_audio = tokens == audio_token_id
@@ -106,7 +113,7 @@ def merge_audio_rows(embeds, tokens, audio_rows, audio_token_id):
 def audio_rows(streams, width: int, minimum: int = 16) -> np.ndarray:
     """Per-row audio streams (each [n_b, D] or None) -> [B, A, D] zero-padded, A a power of two
     >= `minimum` (bucketed so each jitted shape compiles once)."""
-    size = audio.bucket(max((len(s) for s in streams if s is not None), default=0), minimum)
+    size = bucket(max((len(s) for s in streams if s is not None), default=0), minimum)
     dtype = next((s.dtype for s in streams if s is not None and len(s)), np.float32)
     out = np.zeros((len(streams), size, width), dtype)
     for b, s in enumerate(streams):
@@ -161,6 +168,23 @@ def audio_inputs(waves, cfg: ThinkerConfig, minimum_chunks: int = 8):
     return mel, lens, audio.output_tokens(frames)
 
 
+def audio_row_inputs(row_waves, cfg: ThinkerConfig, minimum_chunks: int = 8):
+    """Per-row utterances [[wave, ...], ...] -> (mel [R, C, n_mels, window], valid frames [R, C]):
+    what `encode_rows` takes. C (a power of two) is shared by all rows; rows with no audio are
+    all padding chunks."""
+    window = cfg.audio.window
+    chunks = [sum(-(-int(f) // window) for f in audio.num_frames([len(w) for w in ws]))
+              for ws in row_waves]
+    c = bucket(max(chunks, default=0), minimum_chunks)
+    mel = np.zeros((len(row_waves), c, cfg.audio.num_mel_bins, window), np.float32)
+    lens = np.zeros((len(row_waves), c), np.int32)
+    for r, ws in enumerate(row_waves):
+        if ws:
+            m, n, _ = audio_inputs(ws, cfg, minimum_chunks=c)
+            mel[r], lens[r] = np.asarray(m), n
+    return mel, lens
+
+
 def check_placeholders(tokens, audio_tokens: int, audio_token_id: int = AUDIO_TOKEN_ID):
     """Host-side check (jit cannot raise): placeholders must equal the audio tokens supplied."""
     n = int(np.sum(np.asarray(tokens) == audio_token_id))
@@ -212,7 +236,7 @@ class AudioEmbeddingCache:
         """[size, D] token stream (utterances in order, zero-padded; size defaults to a power of two)."""
         parts = self.get(waves)
         n = sum(len(p) for p in parts)
-        size = size or audio.bucket(n, minimum=64)
+        size = size or bucket(n, minimum=64)
         if n > size:
             raise ValueError(f"{n} audio tokens do not fit a stream of size {size}")
         out = np.zeros((size, self.cfg.audio.output_dim), parts[0].dtype if parts else np.float32)

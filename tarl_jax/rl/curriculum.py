@@ -28,8 +28,10 @@ with exactly the batches it would have seen.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import pathlib
@@ -45,6 +47,18 @@ from tarl_jax.sandbox import synth
 from tarl_jax.sandbox.tasks import Action, Task, load_tasks
 
 log = logging.getLogger("tarl_jax")
+
+
+class _TfdsNoise(logging.Filter):
+    """Every config here is custom by design (named by the hash of its data) and written by us:
+    tfds's warnings about that would open every run's log. Other tfds messages pass."""
+    NOISE = ("Using custom data configuration", "has no dataset_info.json")
+
+    def filter(self, record):
+        return not any(n in record.getMessage() for n in self.NOISE)
+
+
+logging.getLogger("absl").addFilter(_TfdsNoise())
 
 KINDS = {"text": "tool", "speech": "tool", "math": "math"}   # batch kind -> source it draws from
 FILE_FORMAT = "array_record"
@@ -187,7 +201,8 @@ def prepare(config, data_dir) -> dict[str, TaskSetConfig]:
             log.info("curriculum: %s/%s already in %s", b.name, cfg.name, data_dir)
             continue
         log.info("curriculum: preparing %s/%s in %s", b.name, cfg.name, data_dir)
-        b.download_and_prepare()
+        with contextlib.redirect_stdout(io.StringIO()):   # tfds prints "Downloading ..."
+            b.download_and_prepare()
         log.info("curriculum: %s/%s written (%s)", b.name, cfg.name,
                  ", ".join(f"{k}: {v.num_examples} tasks" for k, v in b.info.splits.items()))
     return configs

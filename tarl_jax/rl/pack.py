@@ -23,11 +23,15 @@ of the same segment, so `chunked_logprobs(hidden, W, targets)` needs no shift:
                                                  only these positions (prompts, tool results and
                                                  audio are most of a dialogue and need no logits)
 
-Speech (`audio=` a SpeechView-like object with `stream(refs)` and `width`):
+Speech (`audio=` a SpeechView: `token_counts`, `stream`, `mel_rows`, `width`), audio_as=
+  "embeddings" (frozen encoder):
     audio                                 f32 [rows, A, D]  row r's audio embeddings, in the order
                                                  of its <|AUDIO|> placeholders (segments left to
-                                                 right); A a power of two. Placeholders are prompt
-                                                 tokens, so the loss mask is already 0 on them.
+                                                 right); A a power of two.
+  "mel" (the encoder trains, so the step encodes; omni.encode_rows):
+    mel, mel_lens                         f32 [rows, C, mels, window], int32 [rows, C]: the
+                                                 log-mel chunks of row r's utterances in that order.
+Placeholders are prompt tokens, so the loss mask is already 0 on them.
 
 T is one of `seq_lens` and the row count one of `rows` (the pair with the least padding that
 holds every kept episode), so the train step compiles once per bucket pair.
@@ -42,7 +46,7 @@ from typing import Sequence
 import numpy as np
 
 from tarl_jax.models import omni
-from tarl_jax.models.audio import bucket
+from tarl_jax.models import bucket
 from tarl_jax.sandbox.record import Episode
 
 OVERFLOW_RULES = ("truncate", "drop")
@@ -114,10 +118,12 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
 
 def pack(episodes: Sequence[Episode], advantages=None, *, seq_lens: Sequence[int],
          rows: Sequence[int], overflow: str = "truncate", audio=None,
-         audio_token_id: int = -1) -> Packed:
+         audio_token_id: int = -1, audio_as: str = "embeddings") -> Packed:
     """advantages: None (zeros), [N] one per episode, or [N, K] one per agent turn.
-    audio: give it (with the placeholder id) for speech episodes; then `arrays["audio"]` exists
+    audio: give it (with the placeholder id) for speech episodes; then the audio arrays exist
     even when no episode has audio, so a run's batches keep one set of keys."""
+    if audio_as not in ("embeddings", "mel"):
+        raise ValueError(f"pack: audio_as={audio_as!r} unknown; choose embeddings | mel")
     if overflow not in OVERFLOW_RULES:
         raise ValueError(f"pack: overflow={overflow!r} unknown; choose from {OVERFLOW_RULES}")
     if advantages is not None and len(advantages) != len(episodes):
@@ -161,8 +167,15 @@ def pack(episodes: Sequence[Episode], advantages=None, *, seq_lens: Sequence[int
         a["advantages"] = scatter_turn_values(a, advantages, at="all")
     a["policy_index"] = policy_index(a["loss_mask"])
     if audio is not None:
-        a["audio"] = _audio_rows(episodes, streams, kept_len, keep, bins, n_rows, audio,
-                                 audio_token_id)
+        heard = _heard_rows(episodes, streams, kept_len, keep, bins, audio, audio_token_id)
+        heard += [[]] * (n_rows - len(bins))
+        if audio_as == "mel":
+            a["mel"], a["mel_lens"] = audio.mel_rows([[r for refs, _ in row for r in refs]
+                                                      for row in heard])
+        else:
+            a["audio"] = omni.audio_rows(
+                [np.concatenate([audio.stream(refs)[:kept] for refs, kept in row if kept])
+                 if any(kept for _, kept in row) else None for row in heard], audio.width)
     elif any(t.audio for ep in episodes for t in ep.agent_turns):
         raise ValueError("pack: speech episodes need audio= (the SpeechView that heard them)")
     dropped = sum(o and overflow == "drop" for o in over)
@@ -189,25 +202,26 @@ def policy_index(loss_mask: np.ndarray, minimum: int = 16) -> np.ndarray:
     return out
 
 
-def _audio_rows(episodes, streams, kept_len, keep, bins, n_rows, view,
-                audio_token_id) -> np.ndarray:
-    per_row = []
+def _heard_rows(episodes, streams, kept_len, keep, bins, view, audio_token_id):
+    """Per row, per member episode: (refs of the utterances truncation kept, whole or in part;
+    placeholders kept). Only an episode that fills a row alone is ever cut, so an utterance cut
+    in part ends its row's audio: its spare tokens are never read."""
+    out = []
     for members in bins:
-        parts = []
+        row = []
         for j in members:
             i = keep[j]
-            refs = [r for t in episodes[i].agent_turns for r in (t.audio or [])]
+            refs = episodes[i].heard_audio
+            counts = view.token_counts(refs)
             total = int(np.sum(streams[i].tokens == audio_token_id))
-            emb = view.stream(refs)
-            have = 0 if emb is None else len(emb)
-            if have != total:
+            if sum(counts) != total:
                 raise ValueError(f"pack: episode {i} ({episodes[i].task_id}) has {total} audio "
-                                 f"placeholders but its utterances give {have} embeddings")
-            kept = int(np.sum(streams[i].tokens[:kept_len[i]] == audio_token_id))  # truncation
-            if kept:
-                parts.append(emb[:kept])
-        per_row.append(np.concatenate(parts) if parts else None)
-    return omni.audio_rows(per_row + [None] * (n_rows - len(bins)), view.width)
+                                 f"placeholders but its utterances give {sum(counts)} tokens")
+            kept = int(np.sum(streams[i].tokens[:kept_len[i]] == audio_token_id))
+            starts = np.cumsum([0] + counts[:-1])
+            row.append(([r for r, s in zip(refs, starts) if s < kept], kept))
+        out.append(row)
+    return out
 
 
 def scatter_turn_values(arrays: dict[str, np.ndarray], values, at: str = "all") -> np.ndarray:

@@ -1,6 +1,7 @@
 """The one pure train step: (state, batch, rng) -> (state, metrics), jitted over a mesh.
 
-state = {"step": int32 scalar, "params": {"policy": decoder params[, "value": critic head]},
+state = {"step": int32 scalar, "params": {"policy": decoder params[, "value": critic head]
+                                           [, "audio": audio encoder, when it is trained]},
          "opt_state": optax state}
 batch = pack.py's arrays [B, T] (tokens, positions, segment_ids, targets, loss_mask,
         advantages, logprobs, ref_logprobs), plus for PPO `token_rewards` and `values` (the
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from tarl_jax import sharding
+from tarl_jax.models import audio as audio_lib
 from tarl_jax.models import omni, qwen
 from tarl_jax.rl import advantages as adv_lib
 from tarl_jax.rl import losses
@@ -35,6 +37,7 @@ BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "adv
 PPO_KEYS = ("token_rewards", "values")
 GATHER_KEYS = ("policy_index",)  # score only the loss-mask positions (pack.policy_index)
 AUDIO_KEYS = ("audio",)   # speech: [rows, A, D] embeddings of a frozen audio encoder (pack.py)
+MEL_KEYS = ("mel", "mel_lens")   # speech, encoder trained: [rows, C, mels, window], [rows, C]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,7 @@ class StepConfig:
     lam: float = 0.95
     value_coef: float = 0.5
     audio_token_id: int = -1        # placeholder whose embedding batch["audio"] replaces
+    audio: audio_lib.AudioConfig | None = None   # params["audio"], when the encoder trains (batch["mel"])
 
 
 def make_optimizer(lr: float, warmup_steps: int = 0, total_steps: int = 1000,
@@ -68,8 +72,10 @@ def make_optimizer(lr: float, warmup_steps: int = 0, total_steps: int = 1000,
 
     inner = adam(lr)
     if critic_lr is not None:
+        # A trained audio encoder learns with the policy.
         inner = optax.multi_transform({"policy": adam(lr), "value": adam(critic_lr)},
-                                      lambda params: {k: k for k in params})
+                                      lambda params: {k: "value" if k == "value" else "policy"
+                                                      for k in params})
     return optax.chain(optax.clip_by_global_norm(clip_norm), inner)
 
 
@@ -81,9 +87,12 @@ def _value_axes() -> dict:
     return {"w": jax.sharding.PartitionSpec("embed"), "b": jax.sharding.PartitionSpec()}
 
 
-def state_logical_axes(model_cfg: qwen.DecoderConfig, optimizer, ppo: bool) -> dict:
+def state_logical_axes(model_cfg: qwen.DecoderConfig, optimizer, ppo: bool,
+                       audio_cfg: audio_lib.AudioConfig | None = None) -> dict:
     """Logical PartitionSpecs of the whole train state (optimizer moments mirror the params)."""
     boxed = {"policy": qwen.boxed_params(model_cfg)}
+    if audio_cfg is not None:
+        boxed["audio"] = audio_lib.boxed_params(audio_cfg)
     if ppo:
         boxed["value"] = jax.tree.map(
             lambda x, s: nn.LogicallyPartitioned(x, tuple(s)),
@@ -93,13 +102,17 @@ def state_logical_axes(model_cfg: qwen.DecoderConfig, optimizer, ppo: bool) -> d
             "opt_state": nn.get_partition_spec(jax.eval_shape(optimizer.init, boxed))}
 
 
-def state_shardings(model_cfg, optimizer, ppo, mesh, rules=sharding.DEFAULT_RULES):
-    return sharding.logical_sharding(state_logical_axes(model_cfg, optimizer, ppo), mesh, rules)
+def state_shardings(model_cfg, optimizer, ppo, mesh, rules=sharding.DEFAULT_RULES, audio_cfg=None):
+    return sharding.logical_sharding(state_logical_axes(model_cfg, optimizer, ppo, audio_cfg),
+                                     mesh, rules)
 
 
-def init_state(policy_params, optimizer, model_cfg, ppo: bool, shardings) -> dict:
+def init_state(policy_params, optimizer, model_cfg, ppo: bool, shardings,
+               audio_params=None) -> dict:
     """Place the params on their shardings and build the optimiser state there."""
     params = {"policy": policy_params}
+    if audio_params is not None:
+        params["audio"] = audio_params
     if ppo:
         params["value"] = value_head_params(model_cfg)
     params = sharding.reshard(params, shardings["params"])
@@ -111,11 +124,13 @@ def init_state(policy_params, optimizer, model_cfg, ppo: bool, shardings) -> dic
 def forward(model_cfg: qwen.DecoderConfig, params: dict, batch: dict, cfg: StepConfig):
     """(logp, entropy, values|None) of batch["targets"], all [B, T] float32."""
     model = qwen.Decoder(model_cfg)
-    embeds = None
-    if "audio" in batch:
+    embeds, rows = None, batch.get("audio")
+    if "mel" in batch:   # the encoder trains: its gradient flows through the merged embeddings
+        rows = omni.encode_rows(cfg.audio, params["audio"], batch["mel"], batch["mel_lens"])
+    if rows is not None:
         embeds = omni.merge_audio_rows(
             model.apply({"params": params["policy"]}, batch["tokens"], method=qwen.Decoder.embed),
-            batch["tokens"], batch["audio"], cfg.audio_token_id)
+            batch["tokens"], rows, cfg.audio_token_id)
     hidden, _ = model.apply({"params": params["policy"]}, batch["tokens"], batch["positions"],
                             batch["segment_ids"], embeds=embeds)
     w = model.apply({"params": params["policy"]}, method=qwen.Decoder.output_matrix)
@@ -191,13 +206,18 @@ def train_step(state: dict, batch: dict, rng: jax.Array, *, model_cfg, cfg: Step
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = optax.global_norm(grads)
+    if "audio" in grads:
+        metrics["grad_norm/audio"] = optax.global_norm(grads["audio"])
     metrics["param_norm"] = optax.global_norm(params)
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
+_TRAILING = {"audio": (None, None), "mel": (None, None, None), "mel_lens": (None,)}
+
+
 def batch_shardings(batch_keys, mesh, rules=sharding.DEFAULT_RULES) -> dict:
-    return {k: sharding.spec(mesh, "batch", *((None, None) if k in AUDIO_KEYS else ("length",)),
-                             rules=rules) for k in batch_keys}
+    return {k: sharding.spec(mesh, "batch", *_TRAILING.get(k, ("length",)), rules=rules)
+            for k in batch_keys}
 
 
 def jit_train_step(model_cfg, cfg: StepConfig, optimizer, mesh, state_sh, batch_keys,

@@ -51,6 +51,11 @@ class Episode:
     def agent_turns(self) -> list[AgentTurn]:
         return [t for t in self.turns if isinstance(t, AgentTurn)]
 
+    @property
+    def heard_audio(self) -> list[str]:
+        """Speech mode: every utterance the agent heard, in the order of its placeholders."""
+        return [r for t in self.agent_turns for r in (t.audio or [])]
+
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["turns"] = [dict(type=type(t).__name__, **dataclasses.asdict(t)) for t in self.turns]
