@@ -203,13 +203,21 @@ class Sampler:
 
     def __init__(self, cfg: qwen.DecoderConfig, params, *, cache_len: int = 4096, cache_dtype=None,
                  logprobs: str = "tempered", prefill_chunk: int = 1024, min_bucket: int = 16,
-                 audio_token_id: int | None = None):
+                 audio_token_id: int | None = None, min_kv_window: int = 512):
         if logprobs not in LOGPROB_MODES:
             raise ValueError(f"logprobs={logprobs!r}: choose one of {LOGPROB_MODES}")
         self.cfg, self.params, self.cache_len, self.cache_dtype = cfg, params, cache_len, cache_dtype
         self.logprobs, self.prefill_chunk, self.min_bucket = logprobs, prefill_chunk, min_bucket
         self.audio_token_id = audio_token_id   # the Omni thinker's <|AUDIO|>; None: text only
         self.model = qwen.Decoder(cfg)
+        self.min_kv_window = min_kv_window
+
+    def _model(self, end: int) -> qwen.Decoder:
+        """The decoder for a call whose rows all end before position `end`: it attends to the
+        smallest power-of-two window (>= min_kv_window) of cache slots that holds them, not
+        the whole cache (early turns of a long-cache dialogue cost what a short cache would)."""
+        w = bucket(end, self.min_kv_window)
+        return self.model if w >= self.cache_len else qwen.Decoder(self.cfg, kv_window=w)
 
     def start(self, prompts: Sequence[Sequence[int]], audio=None) -> DecodeState:
         """A fresh state holding one prompt per row (every prompt needs >= 1 token)."""
@@ -240,6 +248,7 @@ class Sampler:
                 f"new_tokens: rows {over.tolist()} would hold {(lengths + num)[over].tolist()} tokens "
                 f"> cache_len={self.cache_len}")
         is_audio = self._audio_positions(new_tokens, audio)
+        model = self._model(int((lengths + num).max(initial=0)))
         for start in range(0, int(num.max(initial=0)), self.prefill_chunk):
             chunk = np.clip(num - start, 0, self.prefill_chunk)
             width = min(bucket(int(chunk.max()), self.min_bucket), self.prefill_chunk)
@@ -255,7 +264,7 @@ class Sampler:
                     rows = omni.audio_rows(
                         [None if audio[b] is None else audio[b][done[b]:done[b] + here[b]]
                          for b in range(batch)], self.cfg.hidden_size, self.min_bucket)
-            state = _append_jit(self.model, self.params, state, tokens, chunk, rows,
+            state = _append_jit(model, self.params, state, tokens, chunk, rows,
                                 audio_token_id=-1 if rows is None else self.audio_token_id)
         return state
 
@@ -298,8 +307,9 @@ class Sampler:
         truncate = bool(np.any(sampled & ((top_p < 1) | (top_k > 0))))
         logprob_temperature = np.where(sampled & (self.logprobs == "tempered"), temperature, 1.0)
         steps = bucket(min(int(max_new.max()), self.cache_len), self.min_bucket)
+        model = self._model(int(np.max(state.length)) + steps)
         state, tokens, logprobs, counts, reasons = _decode_jit(
-            self.model, self.params, state, rng, temperature, top_p, top_k,
+            model, self.params, state, rng, temperature, top_p, top_k,
             _stop_array(stop_tokens, batch), max_new, logprob_temperature.astype(np.float32),
             # An <|AUDIO|> the policy wrote would be taken for a placeholder of heard audio.
             -1 if self.audio_token_id is None else self.audio_token_id,

@@ -96,6 +96,30 @@ def test_append_continuation_equals_reencoding(tiny):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
+def test_kv_window_equals_attending_to_the_whole_cache(tiny):
+    """Multi-turn sampling with windows growing past several powers of two equals the sampler
+    that always attends to every cache slot (the windowed programs are really used)."""
+    _, cfg, params, _ = tiny
+    kw = dict(cache_len=256, prefill_chunk=8, min_bucket=16)
+    windowed = sampler_lib.Sampler(cfg, params, min_kv_window=16, **kw)
+    whole = sampler_lib.Sampler(cfg, params, min_kv_window=256, **kw)
+    assert windowed._model(20).kv_window == 32 and whole._model(20).kv_window == 0
+    states = [s.start(PROMPTS) for s in (windowed, whole)]
+    rng = np.random.default_rng(0)
+    for turn in range(4):
+        outs = []
+        for i, s in enumerate((windowed, whole)):
+            states[i], o = s.decode(states[i], max_new_tokens=9, temperature=0.8, seed=turn)
+            outs.append(o)
+        for a, b in zip(*outs):
+            assert a.tokens == b.tokens
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+        new = [rng.integers(1, 120, n).tolist() for n in (3, 0, 30)]
+        states = [s.append(st, new) for s, st in zip((windowed, whole), states)]
+        np.testing.assert_allclose(states[0].hidden, states[1].hidden, atol=1e-5)
+    assert int(np.max(states[0].length)) > 128   # windows of 32 .. 256 were all exercised
+
+
 def test_top_k_1_and_tiny_top_p_equal_greedy(tiny):
     _, _, _, s = tiny
     want = [o.tokens for o in greedy(s)]

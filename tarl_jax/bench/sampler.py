@@ -1,4 +1,5 @@
-"""Sampler throughput vs transformers' `generate`, and multi-turn append vs re-encoding history.
+"""Sampler throughput vs transformers' `generate`, multi-turn append vs re-encoding history, and
+attending to the filled part of a long cache (kv window) vs all of it.
 
     python -m tarl_jax.bench.sampler [--preset tiny] [--prompt 64] [--new 64] [--turns 10]
 
@@ -14,6 +15,10 @@ Episode: a --system token prompt, then --turns times: decode --reply tokens, app
 --observation token tool result/user turn. "append" keeps one cache for the whole episode;
 "re-encode" starts a fresh cache from the whole history every turn (what a stateless
 OpenAI-style server does). Both use the same Sampler, cache size and greedy tokens.
+
+Long cache: the same episode in a --long_cache slot cache (rollout configs size the cache for the
+longest dialogue: 8k for tiny_speech and tau-bench), with the sampler's power-of-two kv window
+vs a sampler that always attends to every slot.
 """
 from __future__ import annotations
 
@@ -72,6 +77,7 @@ def main(argv=None):
     ap.add_argument("--reply", type=int, default=32)
     ap.add_argument("--observation", type=int, default=64)
     ap.add_argument("--episode_batch", type=int, default=4)
+    ap.add_argument("--long_cache", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
 
@@ -111,6 +117,18 @@ def main(argv=None):
     same = results["append"][1] == results["re-encode"][1]
     print(f"{'ratio':>10}: {results['re-encode'][0] / results['append'][0]:7.1f}x cheaper with append "
           f"(identical histories: {same})")
+
+    print(f"\nthe same episode in a {args.long_cache}-slot cache (append)")
+    results = {}
+    for name, window in (("kv window", 512), ("whole cache", args.long_cache)):
+        s = Sampler(cfg, params, cache_len=args.long_cache, min_kv_window=window)
+        first, best, history = best_time(
+            lambda: episode(s, system, observations, args.reply, False), args.repeats)
+        results[name] = (best, history)
+        print(f"{name:>11}: {best:7.3f} s per episode (compile {first - best:.1f} s)")
+    same = results["kv window"][1] == results["whole cache"][1]
+    print(f"{'ratio':>11}: {results['whole cache'][0] / results['kv window'][0]:7.1f}x faster with the "
+          f"window (identical histories: {same})")
 
 
 if __name__ == "__main__":

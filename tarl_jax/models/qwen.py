@@ -188,6 +188,7 @@ def _chunked_attention(qg, k, v, positions, segment_ids, chunk, dt):
 
 class Attention(nn.Module):
     cfg: DecoderConfig
+    kv_window: int = 0      # see Decoder
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache):
@@ -219,7 +220,8 @@ class Attention(nn.Module):
             rows = jnp.arange(x.shape[0])[:, None]
             ck = ck.at[rows, positions].set(k.astype(ck.dtype), mode="drop")
             cv = cv.at[rows, positions].set(v.astype(cv.dtype), mode="drop")
-            k, v, cache = ck.astype(dt), cv.astype(dt), (ck, cv)
+            w = self.kv_window if 0 < self.kv_window < ck.shape[1] else ck.shape[1]
+            k, v, cache = ck[:, :w].astype(dt), cv[:, :w].astype(dt), (ck, cv)
         b, t = q.shape[:2]
         groups = c.num_heads // c.num_kv_heads
         qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
@@ -253,11 +255,12 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     cfg: DecoderConfig
+    kv_window: int = 0
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache):
         c = self.cfg
-        h, cache = Attention(c, name="attn")(
+        h, cache = Attention(c, self.kv_window, name="attn")(
             RMSNorm(c.rms_eps, "embed", c.dtype, c.param_dtype, name="input_norm")(x),
             positions, segment_ids, cache)
         x = x + h
@@ -268,6 +271,7 @@ class Block(nn.Module):
 class _ScanBlock(nn.Module):
     """Block with the (carry, per-layer input) signature nn.scan wants."""
     cfg: DecoderConfig
+    kv_window: int = 0
 
     @nn.compact
     def __call__(self, carry, cache):
@@ -275,12 +279,16 @@ class _ScanBlock(nn.Module):
         block = Block
         if self.cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat])
-        x, cache = block(self.cfg, name="block")(x, positions, segment_ids, cache)
+        x, cache = block(self.cfg, self.kv_window, name="block")(x, positions, segment_ids, cache)
         return (x, positions, segment_ids), cache
 
 
 class Decoder(nn.Module):
     cfg: DecoderConfig
+    # Cached calls attend to the first kv_window cache slots only (0: all). Slots are positions,
+    # so a caller whose rows all end below the window (the sampler picks a power of two) skips
+    # the empty tail of a long cache; same params, a different compiled program.
+    kv_window: int = 0
 
     def setup(self):
         c = self.cfg
@@ -291,10 +299,10 @@ class Decoder(nn.Module):
             self.layers = nn.scan(
                 _ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=0, out_axes=0, length=c.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"})(c, name="layers")
+                metadata_params={nn.PARTITION_NAME: "layers"})(c, self.kv_window, name="layers")
         else:
             block = Block if c.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[c.remat])
-            self.layers = [block(c, name=f"layers_{i}") for i in range(c.num_layers)]
+            self.layers = [block(c, self.kv_window, name=f"layers_{i}") for i in range(c.num_layers)]
         self.final_norm = RMSNorm(c.rms_eps, "embed", c.dtype, c.param_dtype)
         if not c.tie_embeddings:
             self.lm_head = self.param(
