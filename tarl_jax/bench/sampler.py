@@ -108,28 +108,26 @@ def main(argv=None):
     observations = rng.randint(0, cfg.vocab_size, (args.turns, b, args.observation))
     print(f"\n{args.turns}-turn episode, batch {b}: system {args.system} tokens, each turn decode "
           f"{args.reply} + append {args.observation} (cache {total})")
-    results = {}
-    for name, reencode in (("append", False), ("re-encode", True)):
-        first, best, history = best_time(
-            lambda: episode(sampler, system, observations, args.reply, reencode), args.repeats)
-        results[name] = (best, history)
-        print(f"{name:>10}: {best:7.3f} s per episode (compile {first - best:.1f} s)")
-    same = results["append"][1] == results["re-encode"][1]
-    print(f"{'ratio':>10}: {results['re-encode'][0] / results['append'][0]:7.1f}x cheaper with append "
-          f"(identical histories: {same})")
-
+    long = Sampler(cfg, params, cache_len=args.long_cache, min_kv_window=args.long_cache)
+    windowed = Sampler(cfg, params, cache_len=args.long_cache)
+    run = lambda s, reencode: lambda: episode(s, system, observations, args.reply, reencode)  # noqa: E731
+    side_by_side({"append": run(sampler, False), "re-encode": run(sampler, True)},
+                 "cheaper with append", args.repeats)
     print(f"\nthe same episode in a {args.long_cache}-slot cache (append)")
+    side_by_side({"kv window": run(windowed, False), "whole cache": run(long, False)},
+                 "faster with the window", args.repeats)
+
+
+def side_by_side(runs: dict, claim: str, repeats: int) -> None:
+    """Time two ways of running the episode; print each, the ratio (second / first) and whether
+    they produced identical token histories."""
     results = {}
-    for name, window in (("kv window", 512), ("whole cache", args.long_cache)):
-        s = Sampler(cfg, params, cache_len=args.long_cache, min_kv_window=window)
-        first, best, history = best_time(
-            lambda: episode(s, system, observations, args.reply, False), args.repeats)
+    for name, fn in runs.items():
+        first, best, history = best_time(fn, repeats)
         results[name] = (best, history)
         print(f"{name:>11}: {best:7.3f} s per episode (compile {first - best:.1f} s)")
-    same = results["kv window"][1] == results["whole cache"][1]
-    print(f"{'ratio':>11}: {results['whole cache'][0] / results['kv window'][0]:7.1f}x faster with the "
-          f"window (identical histories: {same})")
-
+    (t0, h0), (t1, h1) = results.values()
+    print(f"{'ratio':>11}: {t1 / t0:7.1f}x {claim} (identical histories: {h0 == h1})")
 
 if __name__ == "__main__":
     main()
