@@ -66,6 +66,7 @@ def load_model(mcfg, mesh, rules, seed: int, with_audio: bool = False):
     overrides = dict(dtype=mcfg.dtype, scan_layers=mcfg.scan_layers, remat=mcfg.remat,
                      attn_chunk=mcfg.get("attn_chunk", 0))
     audio_kind = mcfg.get("audio", "")
+    frozen = not mcfg.get("train_audio", False)
     if audio_kind and tok.audio_id is None:
         raise ValueError(f"model.audio={audio_kind!r} needs a tokenizer with <|AUDIO|> (an Omni "
                          f"checkpoint's, or 'tiny'); {tok_dir} has none")
@@ -73,7 +74,7 @@ def load_model(mcfg, mesh, rules, seed: int, with_audio: bool = False):
     if audio_kind == "hf":
         tcfg = omni.ThinkerConfig.from_hf(
             json.loads((pathlib.Path(mcfg.hf_dir) / "config.json").read_text()),
-            text_overrides=overrides, freeze_audio=not mcfg.get("train_audio", False))
+            text_overrides=overrides, freeze_audio=frozen)
         tcfg, both = omni.load_thinker(mcfg.hf_dir, tcfg, mesh=mesh, rules=rules)
         cfg, params, thinker = tcfg.text, both["model"], (tcfg, both["audio_tower"])
     elif mcfg.hf_dir:
@@ -90,8 +91,7 @@ def load_model(mcfg, mesh, rules, seed: int, with_audio: bool = False):
             jax.random.key(seed))
     if audio_kind and thinker is None:
         tcfg = omni.ThinkerConfig(audio=presets.audio(audio_kind, cfg.hidden_size), text=cfg,
-                                  audio_token_id=tok.audio_id,
-                                  freeze_audio=not mcfg.get("train_audio", False))
+                                  audio_token_id=tok.audio_id, freeze_audio=frozen)
         thinker = (tcfg, nn.unbox(audio_model.boxed_params(tcfg.audio, jax.random.key(seed + 1))))
     if thinker is not None and thinker[0].audio_token_id != tok.audio_id:
         raise ValueError(f"the checkpoint's audio_token_id {thinker[0].audio_token_id} is not the "
@@ -232,7 +232,7 @@ def episode_advantages(config, rewards, turn_rewards, episodes, group_ids):
 
 
 def make_speech_view(config, thinker):
-    """The speech front end (TTS + frozen audio encoder) when the model hears audio."""
+    """The speech front end (TTS + the audio encoder's embeddings) when the model hears audio."""
     if thinker is None:
         return None
     from tarl_jax.sandbox import speech
@@ -324,7 +324,7 @@ class Trainer:
                 self.curriculum.set_state(meta["curriculum"])
             if self.config.rl.kl_coef:
                 self.ref_params = ckpt_lib.restore_params(self.workdir / "reference",
-                                                          _reference(abstract["params"]))
+                                                          _without_critic(abstract["params"]))
             log.info("resumed from step %d in %s", latest, self.ckpt.directory)
             return state, meta
         params = self._initial_params
@@ -338,7 +338,7 @@ class Trainer:
             # The KL anchor is the policy RL starts from (after the warm start), kept on disk so
             # a resumed run anchors to the same weights.
             # A copy: the train step donates (reuses) the state's buffers.
-            self.ref_params = jax.tree.map(lambda x: x.copy(), _reference(state["params"]))
+            self.ref_params = jax.tree.map(lambda x: x.copy(), _without_critic(state["params"]))
             ckpt_lib.save_params(self.workdir / "reference", self.ref_params)
         meta["evals"].append({"step": 0, **self.evaluate(state)})
         meta["curriculum"] = self.curriculum.get_state()
@@ -401,7 +401,7 @@ class Trainer:
         if speech and self.speech is None:
             raise ValueError("a speech batch needs a model that hears: set model.audio "
                              "(e.g. configs/tiny_speech.py)")
-        params = {k: v for k, v in params.items() if k in ("policy", "audio")}
+        params = _without_critic(params)
         if jax.process_count() > 1:
             # Each host samples its own episodes on its own devices: a full local replica of
             # the policy (the train-step params are sharded across hosts).
@@ -568,8 +568,8 @@ def _agree_widths(arrays: dict) -> None:
             arrays[key] = np.pad(x, pad, constant_values=fill)
 
 
-def _reference(params: dict) -> dict:
-    """The KL anchor's part of the params: all but the critic."""
+def _without_critic(params: dict) -> dict:
+    """The params the policy acts with (rollouts; the KL anchor keeps these): all but the critic."""
     return {k: v for k, v in params.items() if k != "value"}
 
 

@@ -45,8 +45,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tarl_jax.models import omni
-from tarl_jax.models import bucket
+from tarl_jax.models import bucket, omni
 from tarl_jax.sandbox.record import Episode
 
 OVERFLOW_RULES = ("truncate", "drop")
@@ -176,7 +175,7 @@ def pack(episodes: Sequence[Episode], advantages=None, *, seq_lens: Sequence[int
             a["audio"] = omni.audio_rows(
                 [np.concatenate([audio.stream(refs)[:kept] for refs, kept in row if kept])
                  if any(kept for _, kept in row) else None for row in heard], audio.width)
-    elif any(t.audio for ep in episodes for t in ep.agent_turns):
+    elif any(ep.heard_audio for ep in episodes):
         raise ValueError("pack: speech episodes need audio= (the SpeechView that heard them)")
     dropped = sum(o and overflow == "drop" for o in over)
     truncated = sum(o and overflow == "truncate" for o in over)

@@ -124,13 +124,13 @@ def init_state(policy_params, optimizer, model_cfg, ppo: bool, shardings,
 def forward(model_cfg: qwen.DecoderConfig, params: dict, batch: dict, cfg: StepConfig):
     """(logp, entropy, values|None) of batch["targets"], all [B, T] float32."""
     model = qwen.Decoder(model_cfg)
-    embeds, rows = None, batch.get("audio")
+    embeds, heard = None, batch.get("audio")
     if "mel" in batch:   # the encoder trains: its gradient flows through the merged embeddings
-        rows = omni.encode_rows(cfg.audio, params["audio"], batch["mel"], batch["mel_lens"])
-    if rows is not None:
+        heard = omni.encode_rows(cfg.audio, params["audio"], batch["mel"], batch["mel_lens"])
+    if heard is not None:
         embeds = omni.merge_audio_rows(
             model.apply({"params": params["policy"]}, batch["tokens"], method=qwen.Decoder.embed),
-            batch["tokens"], rows, cfg.audio_token_id)
+            batch["tokens"], heard, cfg.audio_token_id)
     hidden, _ = model.apply({"params": params["policy"]}, batch["tokens"], batch["positions"],
                             batch["segment_ids"], embeds=embeds)
     w = model.apply({"params": params["policy"]}, method=qwen.Decoder.output_matrix)
