@@ -26,7 +26,6 @@ def get_config(arg: str | None = None):
     c.seed = 0
     c.mode = "train"                       # train | eval | serve
     c.total_steps = 6                      # RL steps
-    c.log_every = 1
     c.eval_every = 6
     c.checkpoint_every = 2
     c.save_episodes = True                 # workdir/episodes/step*_host*.jsonl

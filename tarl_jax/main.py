@@ -58,12 +58,13 @@ def main(argv):
 
 def serve(config):
     """The config's model with the workdir's latest trained policy (if any) behind the server."""
-    import pathlib
-    from tarl_jax import serve as serve_lib, sharding, trainer
+    from tarl_jax import components, serve as serve_lib, sharding
+    from tarl_jax.rl import checkpoint
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    tok, cfg, params = trainer.load_model(config.model, mesh, sharding.DEFAULT_RULES, config.seed)
-    if (pathlib.Path(FLAGS.workdir) / "checkpoints").is_dir():
-        cfg, params = serve_lib.load_orbax_policy(FLAGS.workdir, cfg)
+    trained = checkpoint.Checkpointer.exists(FLAGS.workdir)
+    tok, cfg, params = components.load_model(
+        {**config.model, "orbax": FLAGS.workdir if trained else ""}, mesh, sharding.DEFAULT_RULES,
+        config.seed)
     # Prompts and reply caps as rollouts make them (no <think>, max_turn_tokens a turn): outside
     # harnesses never send max_tokens, and an untrained policy would otherwise fill the cache.
     server = serve_lib.build(tok, cfg, params, cache_len=config.rollout.cache_len,

@@ -45,7 +45,6 @@ import http.server
 import json
 import logging
 import os
-import pathlib
 import queue
 import threading
 import time
@@ -581,70 +580,13 @@ def build(tok, cfg: qwen.DecoderConfig, params, *, model_name: str = "tarl", bat
 
 # ----------------------------------------------------------------------------- loading
 
-def load_orbax_policy(workdir, cfg: qwen.DecoderConfig, step: int | None = None):
-    """params["policy"] of a trainer checkpoint (opt_state and the rest are never read)."""
-    import orbax.checkpoint as ocp
-    directory = pathlib.Path(workdir).resolve()   # orbax wants absolute paths
-    directory = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
-    if step is None:
-        # A step directory exists while its save is in flight (a live trainer); orbax writes
-        # commit_success.txt last.
-        steps = [int(p.parent.name) for p in directory.glob("*/commit_success.txt")
-                 if p.parent.name.isdigit()]
-        if not steps:
-            raise FileNotFoundError(f"no finished checkpoint in {directory}")
-        step = max(steps)
-    path = directory / str(step) / "state"
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(path).item_metadata
-    if metadata is None:
-        raise FileNotFoundError(f"{path}: not a readable orbax checkpoint")
-    saved = metadata.tree["params"]["policy"]
-    cfg = dataclasses.replace(cfg, scan_layers="layers" in saved)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            jax.eval_shape(lambda: qwen.init_params(cfg, jax.random.key(0))))
-    target = {"params": {"policy": abstract}}
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
-    return cfg, restored["params"]["policy"]
-
-
-def _arch(arch: str) -> qwen.DecoderConfig:
-    from tarl_jax.models import presets
-    if arch in presets.PRESETS:
-        return presets.get(arch)
-    path = pathlib.Path(arch)
-    path = path / "config.json" if path.is_dir() else path
-    return qwen.DecoderConfig.from_hf(json.loads(path.read_text()))
-
-
 def load_model(args) -> tuple[tokenizer_lib.ChatTokenizer, qwen.DecoderConfig, Any]:
     """(tokenizer, config, params on the first device) from the CLI's source flags."""
-    from tarl_jax.models import hf, presets
-    tok_arg = args.tokenizer
-    if tok_arg is None:
-        has_own = args.hf and (pathlib.Path(args.hf) / "tokenizer.json").is_file()
-        tok_arg = args.hf if has_own else "tiny"
-    tok = tokenizer_lib.ChatTokenizer(
-        tokenizer_lib.tiny_tokenizer_dir() if tok_arg == "tiny" else
-        tokenizer_lib.qwen3_tokenizer_dir() if tok_arg == "qwen3" else tok_arg)
-    overrides = dict(dtype=args.dtype)
-    if args.hf:
-        cfg, params = hf.load_hf(args.hf, overrides=overrides)
-    elif args.gguf:
-        cfg, params = hf.load_gguf(args.gguf, overrides=overrides)
-    elif args.orbax:
-        cfg, params = load_orbax_policy(args.orbax, dataclasses.replace(_arch(args.arch), **overrides),
-                                        args.step)
-    else:
-        cfg = dataclasses.replace(presets.get(args.preset), **overrides)
-        params = jax.jit(lambda k: qwen.init_params(cfg, k))(jax.random.key(args.seed))
-    if cfg.vocab_size < tok.vocab_size:
-        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids > the model's vocab "
-                         f"{cfg.vocab_size}: pass the model's own --tokenizer")
-    return tok, cfg, params
+    from tarl_jax import components
+    return components.load_model(dict(
+        preset=args.arch if args.orbax else (args.preset or "tiny"), hf_dir=args.hf or "",
+        gguf=args.gguf or "", orbax=args.orbax or "", step=args.step,
+        tokenizer=args.tokenizer or "", dtype=args.dtype), seed=args.seed)
 
 
 def main(argv=None):

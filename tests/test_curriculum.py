@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from tarl_jax import configlib, trainer
+from tarl_jax import components, configlib
 from tarl_jax.rl import curriculum as C
 from tarl_jax.sandbox import math as math_tasks
 from tarl_jax.sandbox import synth
@@ -58,7 +58,7 @@ def test_synthetic_tasks_round_trip_through_array_record(synthetic):
     assert_same_tasks(read_all("tool", configs["tool"], data_dir), tasks[:cut])
     assert_same_tasks(read_all("tool", configs["tool"], data_dir, "test"), tasks[cut:])
     # the tasks the trainer's world holds (warm start, eval) are the curriculum's
-    world = trainer.build_world(config)
+    world = components.build_world(config)
     assert_same_tasks(read_all("tool", configs["tool"], data_dir), world.train)
 
 

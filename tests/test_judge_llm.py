@@ -276,7 +276,8 @@ def test_majority_vote_by_hand():
 def test_score_episodes_rewards_the_vote_and_reports_repeats(server, tmp_path):
     import pathlib
 
-    from tarl_jax import configlib, trainer
+    from tarl_jax import configlib
+    from tarl_jax.judge import score
 
     tasks, episodes = [], []
     for k, scenario in enumerate(("seeded", "valid")):
@@ -290,7 +291,7 @@ def test_score_episodes_rewards_the_vote_and_reports_repeats(server, tmp_path):
     for key, value in dict(base_url=server, api_key="t", model="judge-test", temperature=0.7,
                            repeats=3, cache_dir=str(tmp_path / "c")).items():
         config.judge.llm[key] = value
-    rewards, _, metrics = trainer.score_episodes(episodes, tasks, config)
+    rewards, _, metrics = score.score_episodes(episodes, tasks, config)
     w = dict(config.reward)
     np.testing.assert_allclose(rewards, [trajectory_reward([1, -1, 0], 0.0, w),
                                          trajectory_reward([1, -1, 1], 1.0, w)], rtol=1e-6)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tarl_jax import configlib, trainer
+from tarl_jax.rl import batch as batch_lib
 from tarl_jax.rl import checkpoint as ckpt_lib
 from tarl_jax.rl import step as step_lib
 
@@ -41,7 +42,7 @@ def runs(tmp_path_factory):
         # A barely trained micro model fails every episode alike: equal rewards, zero GRPO
         # advantages, no update. Fixed +-1 advantages make the first update surely move the
         # policy; what is under test is the reference, not the rewards.
-        mp.setattr(trainer, "episode_advantages",
+        mp.setattr(batch_lib, "episode_advantages",
                    lambda config, rewards, *_: np.where(np.arange(len(rewards)) % 2, -1.0, 1.0))
         _, meta = t.run()
     again = trainer.Trainer(kl_config(), str(workdir))

@@ -156,7 +156,7 @@ def test_trainer_loads_an_omni_checkpoint_as_policy_and_frozen_ears(tiny, tmp_pa
     the checkpoint's audio_token_index must be the tokenizer's <|AUDIO|>."""
     import ml_collections
 
-    from tarl_jax import trainer
+    from tarl_jax import components
     from tarl_jax.models.tokenizer import ChatTokenizer, tiny_tokenizer_dir
     _, alone = tiny
     ckpt = full_omni_layout(alone, tmp_path / "omni")
@@ -165,11 +165,11 @@ def test_trainer_loads_an_omni_checkpoint_as_policy_and_frozen_ears(tiny, tmp_pa
         preset="", hf_dir=str(ckpt), gguf="", tokenizer=str(tiny_tokenizer_dir()),
         dtype="float32", scan_layers=False, remat="none", audio="hf"))
     with pytest.raises(ValueError, match="audio_token_id"):
-        trainer.load_model(mcfg, None, None, 0, with_audio=True)   # the fixture's id is 1000
+        components.load_model(mcfg, None, None, 0, with_audio=True)   # the fixture's id is 1000
     cfg_json = json.loads((ckpt / "config.json").read_text())
     cfg_json["thinker_config"]["audio_token_index"] = tok_id
     (ckpt / "config.json").write_text(json.dumps(cfg_json))
-    tok, cfg, params, (tcfg, audio_params) = trainer.load_model(mcfg, None, None, 0, with_audio=True)
+    tok, cfg, params, (tcfg, audio_params) = components.load_model(mcfg, None, None, 0, with_audio=True)
     ref_cfg, ref = omni.load_thinker(ckpt)
     assert cfg == ref_cfg.text and tcfg.freeze_audio and tcfg.audio_token_id == tok.audio_id
     for got, want in ((params, ref["model"]), (audio_params, ref["audio_tower"])):

@@ -5,7 +5,8 @@ import pathlib
 import jax
 import numpy as np
 
-from tarl_jax import configlib, serve, trainer
+from tarl_jax import configlib, serve
+from tarl_jax.judge import score
 from tarl_jax.models import presets, qwen
 from tarl_jax.models.tokenizer import ChatTokenizer, tiny_tokenizer_dir
 from tarl_jax.sandbox import synth
@@ -26,7 +27,7 @@ def expert_episodes(n=3):
 def test_rule_judge_rewards_expert_dialogues():
     tasks, episodes = expert_episodes()
     config = configlib.load(TINY)
-    rewards, turn_r, metrics = trainer.score_episodes(episodes, tasks, config)
+    rewards, turn_r, metrics = score.score_episodes(episodes, tasks, config)
     assert all(ep.reward == 1.0 for ep in episodes)
     assert (rewards > 10).all() and (rewards <= 15).all()       # success band, no -1
     np.testing.assert_allclose(turn_r.sum(1), rewards, rtol=1e-6)  # per-turn splits R exactly
@@ -43,7 +44,7 @@ def test_llm_judge_through_own_server_falls_back_and_is_compared_to_rules(tmp_pa
         config = configlib.load(TINY, "judge=llm")
         config.judge.llm.update(base_url=srv.url, model="judge", max_concurrency=4)
         config.judge.llm.cache_dir = str(tmp_path)
-        rewards, _, metrics = trainer.score_episodes(episodes, tasks, config)
+        rewards, _, metrics = score.score_episodes(episodes, tasks, config)
     finally:
         srv.close()
     # A random tiny model never writes a valid verdict: every item falls back to the rule judge,

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import transformers
 
-from tarl_jax.models import hf, presets, qwen
+from tarl_jax import components
+from tarl_jax.models import hf, qwen
 from tarl_jax.bench import best_time
 from tarl_jax.sampler import Sampler
 
@@ -81,8 +82,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
 
-    cfg = presets.get(args.preset)
-    params = qwen.init_params(cfg, jax.random.key(0))
+    _, cfg, params = components.load_model({"preset": args.preset})
     with tempfile.TemporaryDirectory() as tmp:
         hf.export_hf(params, cfg, tmp)
         model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()

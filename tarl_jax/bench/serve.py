@@ -24,9 +24,8 @@ import jax
 import numpy as np
 import openai
 
-from tarl_jax import serve
-from tarl_jax.models import presets, qwen
-from tarl_jax.models.tokenizer import ChatTokenizer, tiny_tokenizer_dir
+from tarl_jax import components, serve
+from tarl_jax.models import qwen
 from tarl_jax.sampler import Sampler
 
 # Prompts of 79-81 tiny-tokenizer tokens: all in one prefill bucket (64 < n <= 128), so the
@@ -83,9 +82,7 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=16)
     args = ap.parse_args(argv)
 
-    tok = ChatTokenizer(tiny_tokenizer_dir())
-    cfg = presets.get(args.preset)
-    params = qwen.init_params(cfg, jax.random.key(0))
+    tok, cfg, params = components.load_model({"preset": args.preset, "tokenizer": "tiny"})
     srv = serve.build(tok, cfg, params, model_name="bench", batch=args.batch,
                       cache_len=args.cache_len, chunk=args.chunk, port=0).start()
     sampler = Sampler(cfg, params, cache_len=args.cache_len)

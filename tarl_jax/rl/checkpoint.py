@@ -9,14 +9,31 @@ whole and is what `restore` finds.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 
+# A trainer workdir's layout: rotating train-state checkpoints and the KL reference policy.
+STATES, REFERENCE = "checkpoints", "reference"
+
+
 class Checkpointer:
+    """Rotating train-state checkpoints (`<workdir>/checkpoints/<step>/{state,meta}`)."""
+
+    @classmethod
+    def for_workdir(cls, workdir, save_every: int = 1) -> "Checkpointer":
+        return cls(str(pathlib.Path(workdir) / STATES), save_every=save_every)
+
+    @staticmethod
+    def exists(workdir) -> bool:
+        """Whether a trainer has started checkpointing in `workdir`."""
+        return (pathlib.Path(workdir) / STATES).is_dir()
+
     def __init__(self, directory: str, max_to_keep: int = 3, save_every: int = 1):
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
@@ -52,6 +69,10 @@ def abstract_like(state: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
+def reference_dir(workdir) -> pathlib.Path:
+    return pathlib.Path(workdir) / REFERENCE
+
+
 def save_params(path, params: Any) -> None:
     """A one-off parameter tree (e.g. the KL reference policy), written synchronously."""
     with ocp.StandardCheckpointer() as ckptr:
@@ -61,3 +82,48 @@ def save_params(path, params: Any) -> None:
 def restore_params(path, abstract: Any) -> Any:
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(os.path.abspath(path), abstract)
+
+
+def committed_steps(workdir) -> list[int]:
+    """Steps whose save finished, in a trainer workdir (or its checkpoints/ directory). A step
+    directory exists while its save is in flight (a live trainer); orbax writes
+    commit_success.txt last."""
+    directory = pathlib.Path(workdir).resolve()
+    directory = directory / STATES if (directory / STATES).is_dir() else directory
+    return sorted(int(p.parent.name) for p in directory.glob("*/commit_success.txt")
+                  if p.parent.name.isdigit())
+
+
+def restore_policy(workdir, cfg, step: int | None = None, mesh=None, rules=None):
+    """(cfg, params["policy"]) of a trainer checkpoint, the latest committed one by default;
+    nothing else (optimizer state, critic) is read. `cfg` (a DecoderConfig) gives the shape;
+    its scan_layers is read off the checkpoint. mesh None: the first device."""
+    from tarl_jax import sharding
+    from tarl_jax.models import qwen
+    directory = pathlib.Path(workdir).resolve()   # orbax wants absolute paths
+    directory = directory / STATES if (directory / STATES).is_dir() else directory
+    if step is None:
+        steps = committed_steps(directory)
+        if not steps:
+            raise FileNotFoundError(f"no finished checkpoint in {directory}")
+        step = steps[-1]
+    path = directory / str(step) / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(path).item_metadata
+    if metadata is None:
+        raise FileNotFoundError(f"{path}: not a readable orbax checkpoint")
+    cfg = dataclasses.replace(cfg, scan_layers="layers" in metadata.tree["params"]["policy"])
+    shapes = jax.eval_shape(lambda: qwen.init_params(cfg, jax.random.key(0)))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        placed = jax.tree.map(lambda _: device, shapes)
+    else:
+        placed = sharding.logical_sharding(qwen.logical_axes(cfg), mesh,
+                                           sharding.DEFAULT_RULES if rules is None else rules)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            shapes, placed)
+    target = {"params": {"policy": abstract}}
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+    return cfg, restored["params"]["policy"]

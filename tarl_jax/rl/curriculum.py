@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 from tarl_jax import distributed
 from tarl_jax.sandbox import math as math_tasks
 from tarl_jax.sandbox import synth
-from tarl_jax.sandbox.tasks import Action, Task, load_tasks
+from tarl_jax.sandbox.tasks import Action, Task, find_data_dir
 
 log = logging.getLogger("tarl_jax")
 
@@ -127,13 +127,7 @@ class TarlToolTasks(_TaskBuilder):
             _, tasks = synth.generate(synth.SynthConfig(**s["synth"]))
             cut = len(tasks) - s["eval_tasks"]
             return {"train": tasks[:cut], "test": tasks[cut:]}
-        root = pathlib.Path(s["dir"])
-        if (root / "split_tasks.json").is_file():   # tau2: one task list, split by id
-            tasks = {t.task_id: t for t in load_tasks(root / "tasks.json", s["domain"])}
-            ids = json.loads((root / "split_tasks.json").read_text())
-            return {split: [tasks[i] for i in ids[split]] for split in ("train", "test")}
-        return {split: load_tasks(root / f"tasks_{split}.json", s["domain"])
-                for split in ("train", "test")}
+        return find_data_dir(s["dir"], s["domain"]).load_splits()
 
 
 class TarlMathTasks(_TaskBuilder):
@@ -150,17 +144,6 @@ class TarlMathTasks(_TaskBuilder):
 BUILDERS = {"tool": TarlToolTasks, "math": TarlMathTasks}
 
 
-def tool_task_files(world_cfg) -> tuple[pathlib.Path, ...]:
-    """The task files of a tau-bench directory, found as `trainer.build_world` finds them."""
-    root = pathlib.Path(world_cfg.data_dir)
-    d = (root / "v1" / world_cfg.domain if (root / "v1").is_dir() else root).resolve()
-    for names in (("tasks_train.json", "tasks_test.json"), ("tasks.json", "split_tasks.json")):
-        if all((d / n).is_file() for n in names):
-            return tuple(d / n for n in names)
-    raise FileNotFoundError(f"{d} holds neither tau-bench v1 tasks_train.json + tasks_test.json "
-                            "nor tau2 tasks.json + split_tasks.json")
-
-
 def source_configs(config) -> dict[str, TaskSetConfig]:
     """The builder config of every source the schedule draws from."""
     needed = {KINDS[k] for k in parse_schedule(schedule_spec(config))}
@@ -173,9 +156,9 @@ def source_configs(config) -> dict[str, TaskSetConfig]:
             out["tool"] = make_config("synthetic", {"source": "synthetic", "synth": dict(w.synth),
                                                     "eval_tasks": w.eval_tasks})
         else:
-            files = tool_task_files(w)
-            out["tool"] = make_config(w.domain, {"source": "dir", "dir": str(files[0].parent),
-                                                 "domain": w.domain}, files)
+            data = find_data_dir(w.data_dir, w.domain)
+            out["tool"] = make_config(w.domain, {"source": "dir", "dir": str(data.path),
+                                                 "domain": w.domain}, data.task_files)
     if "math" in needed:
         kind, _, name = config.math.source.partition(":")
         if kind == "reasoning_gym":

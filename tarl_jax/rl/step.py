@@ -249,3 +249,8 @@ def device_batch(arrays: dict, keys, mesh, rules=sharding.DEFAULT_RULES) -> dict
     """Host numpy arrays (this host's rows) -> global arrays sharded over the batch axis."""
     return sharding.host_batch_to_global({k: arrays[k] for k in keys}, mesh, rules)
 
+
+
+def acting_params(params: dict) -> dict:
+    """The params the policy acts with (rollouts; the KL anchor keeps these): all but the critic."""
+    return {k: v for k, v in params.items() if k != "value"}

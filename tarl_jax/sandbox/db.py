@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from tarl_jax.sandbox import domains
 from tarl_jax.sandbox.domains import Extractor
+from tarl_jax.sandbox.tasks import find_data_dir
 
 
 def _scalar(value: Any) -> Any:
@@ -162,12 +163,11 @@ class World:
 
     @classmethod
     def from_dir(cls, domain: str, data_dir: str | pathlib.Path) -> "World":
-        """`data_dir` is a tau-bench v1 domain dir (users.json, ..., wiki.md), a tau2 domain dir
-        (db.json, policy.md), or a tau-bench root (v1/<domain> is used)."""
-        path = pathlib.Path(data_dir)
-        if (path / "v1" / domain).is_dir():
-            path = path / "v1" / domain
-        if (path / "db.json").is_file():
+        """The template database of a tau-bench v1 or tau2 domain directory, or of a root
+        holding one (`sandbox.tasks.find_data_dir` says which)."""
+        found = find_data_dir(data_dir, domain)
+        path = found.path
+        if found.flavor == "tau2":
             data = json.loads((path / "db.json").read_text())
             return cls(domain, "tau2", data, (path / "policy.md").read_text())
         tables = domains.get(domain, "v1").tables
