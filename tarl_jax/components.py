@@ -108,7 +108,8 @@ def load_model(mcfg: Mapping, mesh=None, rules=None, seed: int = 0, with_audio: 
         placed = {} if mesh is None else dict(out_shardings=sharding.logical_sharding(
             qwen.logical_axes(cfg), mesh, rules))
         params = jax.jit(lambda k: qwen.init_params(cfg, k), **placed)(jax.random.key(seed))
-    if cfg.vocab_size < tok.vocab_size:
+    # (An Omni checkpoint is held to its tokenizer by the audio token id below.)
+    if audio_kind != "hf" and cfg.vocab_size < tok.vocab_size:
         raise ValueError(f"tokenizer {tok_dir} has {tok.vocab_size} ids > the model's vocab "
                          f"{cfg.vocab_size}: set the model's own tokenizer (model.tokenizer)")
     if audio_kind and thinker is None:
