@@ -57,16 +57,22 @@ def get_config(arg: str | None = None):
     c.user = dict(kind="offline", base_url="", model="", api_key_env="OPENAI_API_KEY",
                   temperature=0.0)
 
+    # infeasible: what to do when the limits rule out tasks the expert solves (limits.py):
+    # warn (loudly) | error (refuse to start) | ignore.
     c.rollout = dict(tasks_per_step=3, samples_per_task=4, temperature=1.0, top_p=1.0, top_k=0,
-                     max_turn_tokens=48, cache_len=2048, eval_temperature=0.0, eval_samples=1)
+                     max_turn_tokens=48, cache_len=2048, eval_temperature=0.0, eval_samples=1,
+                     infeasible="warn")
     # llm.repeats > 1: judge each trajectory that many times (distinct seeds; temperature > 0),
     # reward the per-turn majority vote and log judge/repeat_* self-consistency metrics.
     c.judge = dict(kind=args.judge, llm=dict(base_url="", model="", max_concurrency=8,
                                              fallback="rule", repeats=1, temperature=0.0))
     c.reward = dict(w_out=10.0, w_neg=5.0, w_pos=5.0)
+    # agg "": the algorithm's own (Dr.GRPO: token_sum_norm; else token_mean). lam / critic_lam:
+    # GAE's lambda for PPO's actor and critic (rl/step.py says why 1). skip_no_signal: a batch
+    # whose advantages are all 0 does not step the optimizer.
     c.rl = dict(algo=args.algo, credit=args.credit, policy_loss="ppo", clip_low=0.2, clip_high=0.2,
-                agg="token_mean", kl_coef=0.0, kl_estimator="k3", gamma=1.0, lam=0.95,
-                epochs=1, microbatches=1, logprob_chunk=1024)
+                agg="", kl_coef=0.0, kl_estimator="k3", gamma=1.0, lam=1.0, critic_lam=1.0,
+                skip_no_signal=True, epochs=1, microbatches=1, logprob_chunk=1024)
     # Row buckets of the global batch (each host packs bucket / host count rows).
     c.pack = dict(seq_lens=(2048,), rows=(4, 8, 16), overflow="truncate")
     c.optim = dict(lr=3e-4, critic_lr=1e-3, warmup_steps=0, schedule="constant", clip_norm=1.0,

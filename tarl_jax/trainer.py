@@ -27,7 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from tarl_jax import components, distributed, metrics as metrics_lib, rollout, sharding
+from tarl_jax import components, distributed, limits as limits_lib, metrics as metrics_lib
+from tarl_jax import rollout, sharding
 from tarl_jax.judge import score
 from tarl_jax.rl import batch as batch_lib
 from tarl_jax.rl import checkpoint as ckpt_lib
@@ -36,7 +37,6 @@ from tarl_jax.rl import losses
 from tarl_jax.rl import step as step_lib
 from tarl_jax.sampler import Sampler
 from tarl_jax.sandbox import reward as sandbox_reward
-from tarl_jax.sandbox import synth
 
 log = logging.getLogger("tarl_jax")
 
@@ -70,17 +70,11 @@ class Trainer:
         self._initial_audio = thinker[1] if self.train_audio else None
         self.world = components.build_world(c)
         self.tool_view = components.tool_view(c)
+        self.limits = self.check_limits()
         self.curriculum = curriculum_lib.Curriculum.from_config(
             c, c.curriculum.data_dir or self.workdir / "data")
         self.ppo = c.rl.algo == "ppo"
-        self.step_cfg = step_lib.StepConfig(
-            loss=losses.LossConfig(policy_loss=c.rl.policy_loss, clip_low=c.rl.clip_low,
-                                   clip_high=c.rl.clip_high, agg=c.rl.agg,
-                                   max_len=max(c.pack.seq_lens), kl_coef=c.rl.kl_coef,
-                                   kl_estimator=c.rl.kl_estimator),
-            logprob_chunk=c.rl.logprob_chunk, microbatches=c.rl.microbatches,
-            temperature=c.rollout.temperature, ppo=self.ppo, gamma=c.rl.gamma, lam=c.rl.lam,
-            audio_token_id=self.audio_id or -1, audio=audio_cfg)
+        self.step_cfg = batch_lib.step_config(c, self.audio_id or -1, audio_cfg)
         self.optimizer = step_lib.make_optimizer(
             c.optim.lr, c.optim.warmup_steps, c.total_steps, c.optim.schedule, c.optim.clip_norm,
             c.optim.weight_decay, critic_lr=c.optim.critic_lr if self.ppo else None)
@@ -97,6 +91,21 @@ class Trainer:
         self.sampler = Sampler(self.model_cfg, params, cache_len=c.rollout.cache_len,
                                audio_token_id=self.audio_id)
         self._initial_params = params
+
+    def check_limits(self) -> dict:
+        """How many train and held-out tasks the rollout limits rule out (limits.py), before
+        anything expensive runs; warns loudly, or refuses with rollout.infeasible=error."""
+        c, t0 = self.config, time.perf_counter()
+        limits = (f"rollout.max_turn_tokens={c.rollout.max_turn_tokens}, rollout.cache_len="
+                  f"{c.rollout.cache_len}, world.max_steps={c.world.max_steps}")
+        out = {}
+        for split, tasks in (("train", self.world.train), ("held-out", self.world.eval)):
+            eps = limits_lib.expert_episodes(self.world, self.tok, self.tool_view, tasks)
+            out[split] = limits_lib.check(eps, c.rollout.max_turn_tokens, c.rollout.cache_len,
+                                          c.world.max_steps)
+            limits_lib.enforce(out[split], split, limits, c.rollout.infeasible)
+        log.info("limits: checked in %.1f s", time.perf_counter() - t0)
+        return out
 
     # -- state ---------------------------------------------------------------------------
     def init_or_restore(self, resume_curriculum: bool = True) -> tuple[dict, dict]:
@@ -155,16 +164,10 @@ class Trainer:
         """
         c = self.config.warmstart
         tasks, _ = distributed.host_share(self.world.train[:c.episodes])
-        episodes = []
-        for i, t in enumerate(tasks):
-            # In speech mode every other demonstration is heard: SFT covers both modalities.
-            hear = self.speech if i % 2 else None
-            teacher = rollout.TeacherAgent(synth.ExpertAgent(t), self.tok, tool_view=self.tool_view,
-                                           enable_thinking=False, speech=hear, user_id=t.user_id)
-            # The expert gets tau-bench's 30-step cap even where rollouts are cut shorter.
-            episodes.append(self.world.run_one(t, teacher, 30))
-            if hear is not None:
-                rollout.mark_speech(episodes[-1])
+        # In speech mode every other demonstration is heard: SFT covers both modalities. The
+        # expert gets tau-bench's 30-step cap even where rollouts are cut shorter.
+        episodes = limits_lib.expert_episodes(self.world, self.tok, self.tool_view, tasks,
+                                              self.speech, max_steps=30)
         ok = [ep for ep in episodes if ep.reward >= 1]
         log.info("warm start: %d/%d expert episodes solved; training on them", len(ok), len(episodes))
         optimizer = step_lib.make_optimizer(c.lr, c.warmup_steps, c.steps, "cosine", 1.0)
@@ -346,5 +349,6 @@ class Trainer:
         if self.writer:
             metrics_lib.plot(meta, self.workdir / "reward.png")
             (self.workdir / "summary.json").write_text(json.dumps(
-                {"evals": meta["evals"], "warmstart": meta.get("warmstart")}, indent=1))
+                {"evals": meta["evals"], "warmstart": meta.get("warmstart"),
+                 "limits": self.limits}, indent=1))
         return state, meta

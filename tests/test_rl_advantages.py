@@ -76,10 +76,45 @@ def test_per_turn_matches_numpy_loops(name):
             if mask[i, k]:
                 acc = rewards[i, k] + gamma * acc
                 rtg[i, k] = acc
-    want = np.where(mask, np_estimator(name, rtg, rtg[:, 0], groups), 0.0)
+    if name == "grpo":   # one pooled scale for the batch, not per-group stds
+        want = np.where(mask, np_estimator("dr_grpo", rtg, rtg[:, 0], groups)
+                        / (np_pooled_std(rtg[:, 0], groups) + EPS), 0.0)
+    else:
+        want = np.where(mask, np_estimator(name, rtg, rtg[:, 0], groups), 0.0)
     got = adv.compute_advantages(name, rewards, groups, credit="per_turn", turn_mask=mask,
                                  gamma=gamma)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def np_pooled_std(r, groups):
+    sq, dof = 0.0, 0
+    for g in np.unique(groups):
+        peers = r[groups == g]
+        if len(peers) > 1:
+            sq, dof = sq + np.sum((peers - peers.mean()) ** 2), dof + len(peers) - 1
+    return np.sqrt(sq / max(dof, 1))
+
+
+def test_per_turn_grpo_scales_every_group_alike():
+    """Four tied successes with turn scores [+1, 0, +1, 0] beside a group whose outcomes vary:
+    both groups' per-turn advantages are divided by the same pooled std (the tied group was
+    once left unscaled, giving it advantages down to -10 beside the others' +-1)."""
+    tied = np.array([1.0, 0.0, 1.0, 10.0], np.float32)          # judge scores, outcome last
+    varied = np.array([[0, 0, 0, 10], [0, 0, 0, 0], [0, 0, 0, 10], [0, 0, 0, 0]], np.float32)
+    rewards = np.concatenate([np.tile(tied, (4, 1)), varied])
+    mask = np.ones(rewards.shape, bool)
+    groups = np.repeat([0, 1], 4)
+    got = np.asarray(adv.compute_advantages("grpo", rewards, groups, credit="per_turn",
+                                            turn_mask=mask))
+    centred = np.asarray(adv.compute_advantages("dr_grpo", rewards, groups, credit="per_turn",
+                                                turn_mask=mask))
+    scale = np_pooled_std(rewards.sum(1), groups) + EPS
+    np.testing.assert_allclose(got, centred / scale, rtol=1e-5, atol=1e-6)
+    assert np.abs(got[:4]).max() < np.abs(got[4:]).max()   # the tied group no longer dominates
+    # A batch of tied groups only has no statistic to scale by: centred values, unscaled.
+    only = np.asarray(adv.compute_advantages("grpo", rewards[:4], groups[:4], credit="per_turn",
+                                             turn_mask=mask[:4]))
+    np.testing.assert_allclose(only, centred[:4], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(adv.REGISTRY))
@@ -91,6 +126,9 @@ def test_per_turn_equals_trajectory_when_reward_is_terminal(name):
     rewards[np.arange(len(mask)), last] = outcome
     per_turn = adv.compute_advantages(name, rewards, groups, credit="per_turn", turn_mask=mask)
     traj = adv.compute_advantages(name, outcome, groups)
+    if name == "grpo":   # per-turn GRPO's scale is pooled over the batch, trajectory's per group
+        traj = adv.compute_advantages("dr_grpo", outcome, groups) / (
+            np_pooled_std(outcome, groups) + EPS)
     np.testing.assert_allclose(per_turn, np.where(mask, np.asarray(traj)[:, None], 0),
                                rtol=1e-5, atol=1e-6)
 

@@ -180,3 +180,15 @@ def test_policy_loss_jits_and_reports_entropy():
     np.testing.assert_allclose(m["entropy"], np.mean(ent), rtol=1e-5)
     with pytest.raises(KeyError, match="ppo"):
         L.policy_loss(logp, b, L.LossConfig(policy_loss="grpo"))
+
+
+def test_k3_is_clamped_as_verl_clamps_it():
+    """A token the policy made near-impossible under the reference (log-ratio 60) costs at most
+    10, with a bounded gradient, instead of exp(60)."""
+    logp = jnp.array([[-70.0, -1.0, -0.5]])
+    ref = jnp.array([[-10.0, -1.0, -5.5]])
+    kl = np.asarray(L.kl_k3(logp, ref))
+    assert kl[0, 0] == 10.0 and kl[0, 1] == 0.0
+    np.testing.assert_allclose(kl[0, 2], np.exp(-5.0) + 5.0 - 1.0, rtol=1e-6)  # within: exact
+    grad = np.asarray(jax.grad(lambda x: L.kl_k3(x, ref).sum())(logp))
+    assert np.isfinite(grad).all() and np.abs(grad).max() <= 1.0

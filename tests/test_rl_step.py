@@ -1,4 +1,5 @@
 """The jitted train step: log-probs, accumulation, PPO critic, 8-device sharding == 1 device."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -142,3 +143,66 @@ def test_scoring_only_policy_positions_gives_the_same_update(ppo):
     # up to ~lr * 1e-3, hence 1e-4 on params while every metric agrees to 1e-5.
     for x, y in zip(jax.tree.leaves(full_state["params"]), jax.tree.leaves(gat_state["params"])):
         np.testing.assert_allclose(x, y, atol=1e-4)
+
+
+def test_a_batch_without_signal_leaves_params_and_adam_alone():
+    """All advantages 0 (every group tied): the step moves nothing, even after a real gradient
+    filled Adam's momentum (which once replayed that gradient on every tied step after it)."""
+    mesh = sharding.make_mesh()
+    opt = S.make_optimizer(1e-2)
+    sh = S.state_shardings(CFG, opt, False, mesh)
+    state = S.init_state(qwen.init_params(CFG, jax.random.key(0)), opt, CFG, False, sh)
+    fn = S.jit_train_step(CFG, S.StepConfig(logprob_chunk=48), opt, mesh, sh, S.BATCH_KEYS)
+    real = make_batch()
+    state, m = fn(state, S.device_batch(real, S.BATCH_KEYS, mesh), jax.random.key(0))
+    assert float(m["skipped"]) == 0.0
+    before = jax.device_get(state)
+    tied = dict(real, advantages=np.zeros_like(real["advantages"]))
+    state, m = fn(state, S.device_batch(tied, S.BATCH_KEYS, mesh), jax.random.key(1))
+    after = jax.device_get(state)
+    assert float(m["skipped"]) == 1.0 and float(m["grad_norm"]) == 0.0
+    assert int(after["step"]) == int(before["step"]) + 1
+    for a, b in zip(jax.tree.leaves(before["params"]) + jax.tree.leaves(before["opt_state"]),
+                    jax.tree.leaves(after["params"]) + jax.tree.leaves(after["opt_state"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ppo_critic_lambda_is_decoupled_from_the_actors():
+    """The critic's targets use critic_lam, the actor's advantages lam: with the same batch,
+    changing critic_lam changes the value loss and nothing of the policy loss."""
+    params = {"policy": qwen.init_params(CFG, jax.random.key(0)),
+              "value": {"w": jax.random.normal(jax.random.key(1), (CFG.hidden_size,)),
+                        "b": np.float32(0.3)}}
+    b = make_batch()
+    b["values"] = np.random.default_rng(2).normal(size=b["values"].shape).astype(np.float32)
+    out = {}
+    for lam in (1.0, 0.5):
+        cfg = S.StepConfig(ppo=True, lam=1.0, critic_lam=lam, logprob_chunk=48)
+        _, out[lam] = S._loss(params, b, CFG, cfg)
+    assert float(out[1.0]["pg_loss"]) == float(out[0.5]["pg_loss"])
+    assert float(out[1.0]["vf_loss"]) != float(out[0.5]["vf_loss"])
+
+
+def test_step_config_from_the_run_config():
+    """Greedy rollouts score at temperature 1 (as the sampler reports greedy rows), not 1/0;
+    dr_grpo brings its constant normaliser; PPO's actor lambda is 1."""
+    import pathlib
+
+    from tarl_jax import configlib
+    from tarl_jax.rl import batch as batch_lib
+    tiny = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+    c = configlib.load(tiny, "algo=dr_grpo")
+    c.rollout.temperature = 0.0
+    sc = batch_lib.step_config(c)
+    assert sc.temperature == 1.0 and sc.lam == 1.0 and sc.skip_no_signal
+    assert sc.loss.agg == "token_sum_norm"
+    assert sc.loss.max_len == c.rollout.max_turn_tokens * c.world.max_steps
+    assert batch_lib.step_config(configlib.load(tiny, "algo=grpo")).loss.agg == "token_mean"
+    c.rl.agg = "seq_mean"   # an explicit choice stands
+    assert batch_lib.step_config(c).loss.agg == "seq_mean"
+    params = {"policy": qwen.init_params(CFG, jax.random.key(0))}
+    logp, _, _ = S.forward(CFG, params, make_batch(), dataclasses.replace(sc, logprob_chunk=48))
+    assert np.isfinite(np.asarray(logp)).all()
+    c.rollout.temperature = -1.0
+    with pytest.raises(ValueError, match="temperature"):
+        batch_lib.step_config(c)

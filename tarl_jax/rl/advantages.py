@@ -12,9 +12,14 @@ that failed to run simply leaves its group smaller); a group of one gets advanta
   "per_turn": each agent turn k gets its own advantage, from its return-to-go
       G[i, k] = sum_{j >= k} gamma^(j-k) r[i, j], i.e. that turn's reward and all later ones.
 
-Per-turn baseline (why this scheme): the baseline and scale of every turn of episode i are the
-group statistics of the *episode-level* return G[i, 0], the same numbers trajectory credit uses:
-    GRPO     A[i, k] = (G[i, k] - mean_g G[., 0]) / (std_g G[., 0] + eps)
+Per-turn baseline (why this scheme): the baseline of every turn of episode i is the group
+statistic of the *episode-level* return G[i, 0], the same number trajectory credit uses:
+    GRPO     A[i, k] = (G[i, k] - mean_g G[., 0]) / (s + eps)
+             s: ONE scale for the whole batch, the pooled within-group std of G[., 0]
+             (sqrt(sum of squared deviations from the group means / sum of (n_g - 1))).
+             Per-group stds do not work per turn: a group whose episodes tie (std 0) still has
+             per-turn returns-to-go that differ from its mean, and left unscaled beside groups
+             divided by their std it would dominate the batch.
     Dr.GRPO  A[i, k] =  G[i, k] - mean_g G[., 0]
     RLOO     A[i, k] =  G[i, k] - mean_{j in g, j != i} G[j, 0]
   - Unbiased with ragged turn counts: a baseline may depend on anything but episode i's action
@@ -29,7 +34,8 @@ group statistics of the *episode-level* return G[i, 0], the same numbers traject
     no peers exactly at the late turns of long episodes, and a turn index does not mean the
     same state across episodes anyway.
   - Consistent with trajectory credit: when all reward arrives at the last turn (outcome only),
-    G[i, k] = G[i, 0] for every k and per-turn advantages equal the trajectory ones.
+    G[i, k] = G[i, 0] for every k and per-turn advantages equal the trajectory ones (GRPO:
+    up to the scale, pooled over the batch instead of per group).
 
 PPO uses `gae` instead: token-level rewards and critic values over the packed rows.
 """
@@ -87,6 +93,17 @@ def rloo(returns, episode_returns, group_ids, eps=1e-6):
     return _no_peers_zero(returns - _per_episode(baseline, returns), count, returns)
 
 
+def pooled_scale(episode_returns, group_ids, eps=1e-6):
+    """The pooled within-group std of episode returns over all groups of two or more (+ eps),
+    or 1 when every such group ties: one scale for every group of a batch."""
+    total, count, _ = group_stats(episode_returns, group_ids)
+    peers = count > 1
+    sq = jnp.where(peers, jnp.square(episode_returns - total / count), 0.0)
+    dof = jnp.sum(jnp.where(peers, (count - 1) / count, 0.0))   # sum over groups of n_g - 1
+    std = jnp.sqrt(jnp.sum(sq) / jnp.maximum(dof, 1.0))
+    return jnp.where(std > STD_FLOOR, std + eps, 1.0)
+
+
 REGISTRY: dict[str, Callable] = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo}
 CREDIT_MODES = ("trajectory", "per_turn")
 
@@ -132,6 +149,9 @@ def compute_advantages(name: str, rewards: jax.Array, group_ids: jax.Array, *,
     g = returns_to_go(rewards, turn_mask, gamma)
     if credit == "trajectory":
         return fn(g[:, 0], g[:, 0], group_ids, eps)
+    if name == "grpo":   # one scale for the batch (see the module docstring)
+        adv = dr_grpo(g, g[:, 0], group_ids) / pooled_scale(g[:, 0], group_ids, eps)
+        return jnp.where(turn_mask, adv, 0.0)
     return jnp.where(turn_mask, fn(g, g[:, 0], group_ids, eps), 0.0)
 
 

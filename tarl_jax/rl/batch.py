@@ -13,6 +13,7 @@ import numpy as np
 
 from tarl_jax import distributed
 from tarl_jax.rl import advantages as adv_lib
+from tarl_jax.rl import losses
 from tarl_jax.rl import pack as pack_lib
 from tarl_jax.rl import step as step_lib
 
@@ -24,6 +25,30 @@ def batch_keys(ppo: bool = False, audio: str | None = None) -> tuple[str, ...]:
     if audio == "mel":
         return keys + step_lib.MEL_KEYS
     return keys + (step_lib.AUDIO_KEYS if audio == "embeddings" else ())
+
+
+def step_config(config, audio_token_id: int = -1, audio_cfg=None) -> step_lib.StepConfig:
+    """The RL step's settings from a run's config.
+
+    - rl.agg "" takes the algorithm's own aggregation: Dr.GRPO's constant normaliser
+      (token_sum_norm) for dr_grpo, token_mean otherwise. token_sum_norm's constant is the most
+      policy tokens an episode can hold, rollout.max_turn_tokens x world.max_steps.
+    - rollout.temperature 0 (greedy rows) scores log-probs at temperature 1, as the sampler
+      reports them for greedy rows.
+    """
+    c = config
+    if c.rollout.temperature < 0:
+        raise ValueError(f"rollout.temperature={c.rollout.temperature}: must be >= 0 (0: greedy)")
+    agg = c.rl.agg or ("token_sum_norm" if c.rl.algo == "dr_grpo" else "token_mean")
+    return step_lib.StepConfig(
+        loss=losses.LossConfig(policy_loss=c.rl.policy_loss, clip_low=c.rl.clip_low,
+                               clip_high=c.rl.clip_high, agg=agg,
+                               max_len=c.rollout.max_turn_tokens * c.world.max_steps,
+                               kl_coef=c.rl.kl_coef, kl_estimator=c.rl.kl_estimator),
+        logprob_chunk=c.rl.logprob_chunk, microbatches=c.rl.microbatches,
+        temperature=c.rollout.temperature or 1.0, ppo=c.rl.algo == "ppo", gamma=c.rl.gamma,
+        lam=c.rl.lam, critic_lam=c.rl.critic_lam, skip_no_signal=c.rl.skip_no_signal,
+        audio_token_id=audio_token_id, audio=audio_cfg)
 
 
 def build_step(model_cfg, step_cfg, optimizer, mesh, rules, keys, audio_cfg=None):

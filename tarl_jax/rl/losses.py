@@ -108,9 +108,13 @@ def kl_k1(logp, ref_logp):
 
 
 def kl_k3(logp, ref_logp):
-    """Schulman's k3: exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased for KL(pi || ref)."""
-    d = ref_logp - logp
-    return jnp.exp(d) - d - 1.0
+    """Schulman's k3: exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased for KL(pi || ref).
+
+    Clamped as verl clamps it (the log-ratio to [-20, 20], the estimate to at most 10): one
+    token the policy has made near-impossible under the reference would otherwise give an
+    exp(20)-sized term and gradient that swamps the batch."""
+    d = jnp.clip(ref_logp - logp, -20.0, 20.0)
+    return jnp.minimum(jnp.exp(d) - d - 1.0, 10.0)
 
 
 KL_ESTIMATORS: dict[str, Callable] = {"k1": kl_k1, "k3": kl_k3}

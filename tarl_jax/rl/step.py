@@ -48,8 +48,17 @@ class StepConfig:
     temperature: float = 1.0        # log-probs of softmax(logits / T), as the sampler reports them
     ppo: bool = False               # critic + GAE advantages computed inside the step
     gamma: float = 1.0
-    lam: float = 0.95
+    # GAE's lambda for the actor's advantages and for the critic's targets, decoupled as in
+    # VC-PPO. Both 1 by default: rewards arrive at a turn's last token and an episode holds
+    # hundreds of policy tokens, so any lambda < 1 per token all but erases the outcome before
+    # it reaches a turn's first tokens (0.95: 0.006 of it 100 tokens back).
+    lam: float = 1.0
+    critic_lam: float = 1.0
     value_coef: float = 0.5
+    # A batch whose advantages are all 0 (every group tied) has no policy gradient; Adam would
+    # still move every parameter on its momentum. Such a step leaves params and optimizer
+    # state as they were (metrics["skipped"] = 1). PPO's in-step advantages never tie.
+    skip_no_signal: bool = True
     audio_token_id: int = -1        # placeholder whose embedding batch["audio"] replaces
     audio: audio_lib.AudioConfig | None = None   # params["audio"], when the encoder trains (batch["mel"])
 
@@ -163,6 +172,9 @@ def _loss(params, batch, model_cfg, cfg: StepConfig):
         mask = batch["loss_mask"]
         adv, returns = adv_lib.gae(batch["token_rewards"], batch["values"], mask,
                                    batch["segment_ids"], cfg.gamma, cfg.lam)
+        if cfg.critic_lam != cfg.lam:
+            _, returns = adv_lib.gae(batch["token_rewards"], batch["values"], mask,
+                                     batch["segment_ids"], cfg.gamma, cfg.critic_lam)
         # Whitened over the slice's policy tokens, as PPO implementations do.
         m = mask.astype(jnp.float32)
         n = jnp.maximum(m.sum(), 1.0)
@@ -205,6 +217,11 @@ def train_step(state: dict, batch: dict, rng: jax.Array, *, model_cfg, cfg: Step
         metrics = {k: v if k == "tokens" else v / m for k, v in metrics.items()}
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    if cfg.skip_no_signal and not cfg.ppo:
+        signal = jnp.any((batch["advantages"] != 0) & batch["loss_mask"].astype(bool))
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(signal, new, old),
+                                         (params, opt_state), (state["params"], state["opt_state"]))
+        metrics["skipped"] = 1.0 - signal.astype(jnp.float32)
     metrics["grad_norm"] = optax.global_norm(grads)
     if "audio" in grads:
         metrics["grad_norm/audio"] = optax.global_norm(grads["audio"])

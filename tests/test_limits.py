@@ -1,0 +1,57 @@
+"""The start-up check: the expert's own path measured against the rollout limits, counted the
+way a rollout feeds the policy, and a run that refuses to start when asked to."""
+import pathlib
+
+import pytest
+
+from tarl_jax import components, configlib, limits, trainer
+
+TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def expert():
+    c = configlib.load(TINY)
+    tok, _, _ = components.load_model({"preset": "micro", "tokenizer": "tiny"})
+    world = components.build_world(c)
+    tasks = world.train[:40]
+    return tok, limits.expert_episodes(world, tok, components.tool_view(c), tasks)
+
+
+def test_counts_agree_with_the_expert_dialogues(expert):
+    tok, eps = expert
+    # Independently: the longest assistant message as the tokenizer encodes a reply, and the
+    # whole dialogue as the policy is fed it (the rendered prompt up to the last agent turn).
+    longest = [max(len(tok.encode_reply(m)) for m in ep.messages if m["role"] == "assistant")
+               for ep in eps]
+    steps = [sum(m["role"] == "assistant" for m in ep.messages) for ep in eps]
+    report = limits.check(eps, max_turn_tokens=48, cache_len=10**9, max_steps=10**9)
+    assert report["tasks"] == 40 and report["unsolved"] == 0
+    assert report["reply_over_max_turn_tokens"] == sum(n > 48 for n in longest) > 0
+    assert report["infeasible"] == report["reply_over_max_turn_tokens"]
+    assert report["expert_reply_max"] == max(longest)
+    assert report["expert_steps_max"] == max(steps)
+    roomy = limits.check(eps, max(longest), report["expert_tokens_max"], max(steps))
+    assert roomy["infeasible"] == 0
+    tight = limits.check(eps, 10**9, report["expert_tokens_max"] - 1, 10**9)
+    assert tight["dialogue_over_cache_len"] >= 1
+    assert limits.check(eps, 10**9, 10**9, max(steps) - 1)["steps_over_max_steps"] >= 1
+
+
+def test_enforce_warns_refuses_or_passes(expert, caplog):
+    _, eps = expert
+    report = limits.check(eps, 48, 2048, 10)
+    with pytest.raises(ValueError, match=f"{report['infeasible']} of 40 train tasks cannot be"):
+        limits.enforce(report, "train", "these limits", "error")
+    limits.enforce(report, "train", "these limits", "warn")
+    assert "WARNING" in caplog.text and "reply_over_max_turn_tokens" in caplog.text
+    with pytest.raises(ValueError, match="choose warn"):
+        limits.enforce(report, "train", "these limits", "loud")
+
+
+def test_trainer_refuses_before_anything_expensive(tmp_path):
+    c = configlib.load(TINY, "runlocal")
+    c.model.preset, c.rollout.infeasible = "micro", "error"
+    with pytest.raises(ValueError, match="cannot be solved under rollout.max_turn_tokens=48"):
+        trainer.Trainer(c, str(tmp_path))
+    assert not (tmp_path / "data").exists()   # the curriculum was never prepared
