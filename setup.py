@@ -23,6 +23,7 @@ setup(
         "gguf==0.19.0",
         "openai>=1.60",
         "numpy>=2.0",
+        "scipy>=1.12",         # intervals (stats.py); jax needs it too
         "tensorboardx>=2.6",
         "matplotlib>=3.8",
         "tqdm>=4.66",

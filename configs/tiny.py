@@ -7,6 +7,9 @@ warm-started by SFT on the scripted expert's dialogues, then trained with GRPO +
 offline user) on a synthetic retail world the project generates; pass^1 on held-out synthetic
 tasks is measured before and after. Arguments (`configs/tiny.py:ARG`, comma separated):
   algo=grpo|rloo|dr_grpo|ppo   credit=trajectory|per_turn   judge=rule|none   math=0.25
+  level=0|1|2                  the synthetic world's difficulty (sandbox/synth.py LEVELS; default 0)
+  tune                         evaluate on the validation split (choose settings there, never on
+                               the held-out test split the default reports)
   runlocal                     an even smaller run (a minute; used by tests)
   table                        the budget of `python -m tarl_jax.bench.table` (16 held-out tasks, shorter)
   taubench=DIR                 real tau-bench retail train/test tasks from DIR (../shared/taubench)
@@ -15,18 +18,24 @@ import ml_collections
 
 from tarl_jax import configlib
 
-BRIEF = ("You are a customer service agent of an online store. Identify the user first, look up "
-         "what you change, confirm every change with the user, then call the tool.")
+# The agent's system prompt per level: what the expert's dialogues do at that level.
+BRIEFS = {0: ("You are a customer service agent of an online store. Confirm every change with "
+              "the user, then call the tool."),
+          1: ("You are a customer service agent of an online store. The user is signed in. Look "
+              "up what you change, confirm every change with the user, then call the tool."),
+          2: ("You are a customer service agent of an online store. Identify the user first, look "
+              "up what you change, confirm every change with the user, then call the tool.")}
 
 
 def get_config(arg: str | None = None):
     args = configlib.parse_arg(arg, algo="grpo", credit="trajectory", judge="rule", math=0.0,
-                               runlocal=False, table=False, taubench="")
+                               runlocal=False, table=False, taubench="", level=0, tune=False)
+    level = int(args.level)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.mode = "train"                       # train | eval | serve
     c.total_steps = 6                      # RL steps
-    c.eval_every = 6
+    c.eval_every = 3
     c.checkpoint_every = 2
     c.save_episodes = True                 # workdir/episodes/step*_host*.jsonl
 
@@ -39,11 +48,15 @@ def get_config(arg: str | None = None):
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.rules = ml_collections.config_dict.placeholder(tuple)  # None: sharding.DEFAULT_RULES
 
+    # Synthetic splits (synth.split): the last eval_tasks are the held-out test set, the
+    # val_tasks before them the validation set; training tasks write no record either touches.
     c.world = dict(source="synthetic", data_dir=args.taubench, domain="retail",
-                   synth=dict(seed=0, num_users=40, num_products=12, num_orders=100, num_tasks=160),
-                   eval_tasks=8, tool_view="minimal", reward_variant="taubench", max_steps=10,
+                   synth=dict(seed=0, num_users=200, num_products=12, num_orders=1000,
+                              num_tasks=400, level=level),
+                   eval_tasks=64, val_tasks=64, eval_split="validation" if args.tune else "test",
+                   tool_view="minimal", reward_variant="taubench", max_steps=10,
                    # A tiny model cannot use a 600-token policy; tau-bench runs keep the policy.
-                   system_prompt=BRIEF if not args.taubench else "")
+                   system_prompt=BRIEFS[level] if not args.taubench else "")
     c.math = dict(fraction=float(args.math), source="reasoning_gym:basic_arithmetic", size=200)
     # Batch kinds cycled by step (text | speech | math, `text*3,math` repeats); empty: every
     # round(1 / math.fraction)-th batch is math. Datasets go to data_dir (empty: <workdir>/data).
@@ -59,7 +72,7 @@ def get_config(arg: str | None = None):
 
     # infeasible: what to do when the limits rule out tasks the expert solves (limits.py):
     # warn (loudly) | error (refuse to start) | ignore.
-    c.rollout = dict(tasks_per_step=3, samples_per_task=4, temperature=1.0, top_p=1.0, top_k=0,
+    c.rollout = dict(tasks_per_step=4, samples_per_task=4, temperature=1.0, top_p=1.0, top_k=0,
                      max_turn_tokens=48, cache_len=2048, eval_temperature=0.0, eval_samples=1,
                      infeasible="warn")
     # llm.repeats > 1: judge each trajectory that many times (distinct seeds; temperature > 0),
@@ -74,14 +87,29 @@ def get_config(arg: str | None = None):
                 agg="", kl_coef=0.0, kl_estimator="k3", gamma=1.0, lam=1.0, critic_lam=1.0,
                 skip_no_signal=True, epochs=1, microbatches=1, logprob_chunk=1024)
     # Row buckets of the global batch (each host packs bucket / host count rows).
-    c.pack = dict(seq_lens=(2048,), rows=(4, 8, 16), overflow="truncate")
+    # A level-0 dialogue is < 1k tokens (limits.py checks): one per 1k row costs half the
+    # attention of two per 2k row.
+    c.pack = dict(seq_lens=(1024, 2048), rows=(4, 8, 16), overflow="truncate")
     c.optim = dict(lr=3e-4, critic_lr=1e-3, warmup_steps=0, schedule="constant", clip_norm=1.0,
                    weight_decay=0.0)
-    c.warmstart = dict(steps=60, lr=3e-3, episodes=96, batch_rows=4, seq_len=2048, warmup_steps=5)
+    # dialogues: expert dialogues packed into the batch_rows x seq_len rows of a step (0: one
+    # per row); each is whole (limits.py checks they fit) and several share a row.
+    # init: a file (or the name of one shipped in tarl_jax/assets/warmstart/) made by
+    # `--config.mode=warmstart`; the run starts from it instead of running SFT.
+    c.warmstart = dict(steps=100, lr=1e-2, episodes=96, batch_rows=8, seq_len=1024, warmup_steps=5,
+                       dialogues=8, init="")
 
+    if level > 0 or args.taubench:
+        # Sized from the expert's own dialogues (limits.py; this world): level 1 up to 4.4k
+        # tokens, replies of 121 and 12 steps; level 2 up to 7.6k, 342 and 15.
+        cache, reply = 8192, {1: 128}.get(level, 384)
+        c.rollout.update(cache_len=cache, max_turn_tokens=reply)
+        c.world.max_steps = 16
+        c.pack.seq_lens = (cache // 2, cache)
+        c.warmstart.update(seq_len=cache, batch_rows=4, dialogues=0)
     if args.taubench:
         # tau-bench's own policy text makes the first prompt ~2k tokens: longer contexts.
-        c.rollout.cache_len = 8192
+        c.rollout.update(cache_len=8192, max_turn_tokens=48)
         c.pack.seq_lens = (4096, 8192)
         c.warmstart.seq_len = 8192
     if args.table:
@@ -94,9 +122,9 @@ def get_config(arg: str | None = None):
         c.warmstart.steps = 300
     if args.runlocal:
         c.total_steps, c.eval_every, c.checkpoint_every = 2, 2, 1
-        c.world.synth.num_tasks, c.world.eval_tasks = 40, 4
+        c.world.synth.num_tasks, c.world.eval_tasks, c.world.val_tasks = 40, 4, 4
         c.rollout.tasks_per_step, c.rollout.samples_per_task = 2, 2
-        c.warmstart.steps, c.warmstart.episodes = 4, 8
+        c.warmstart.steps, c.warmstart.episodes, c.warmstart.dialogues = 4, 8, 4
     return c
 
 

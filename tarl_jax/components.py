@@ -159,12 +159,20 @@ class World:
 
 
 def build_world(config) -> World:
-    """The synthetic world (train = all but the last `eval_tasks` tasks), or a tau-bench v1 /
-    tau2 directory's database with its train / test split (eval: the first `eval_tasks`)."""
+    """The synthetic world (`synth.split`: the last `eval_tasks` held out, `val_tasks` before
+    them for tuning, training disjoint from both; `eval_split` says which of test / validation
+    the run evaluates on), or a tau-bench v1 / tau2 directory's database with its train / test
+    split (eval: the first `eval_tasks`)."""
     w = config.world
     if w.source == "synthetic" and not w.data_dir:
         db, tasks = synth.make_world(synth.SynthConfig(**w.synth))
-        train, eval_ = tasks[:-w.eval_tasks], tasks[-w.eval_tasks:]
+        parts = synth.split(tasks, w.eval_tasks, w.get("val_tasks", 0))
+        split = w.get("eval_split", "test")
+        if split not in ("test", "validation"):
+            raise ValueError(f"world.eval_split={split!r}: choose test | validation")
+        if not parts[split]:
+            raise ValueError(f"world.eval_split={split!r} is empty: set world.val_tasks")
+        train, eval_ = parts["train"], parts[split]
     else:
         from tarl_jax.sandbox import tasks as tasks_lib
         from tarl_jax.sandbox.db import World as DbWorld

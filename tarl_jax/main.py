@@ -2,7 +2,9 @@
 
 Modes (`--config.mode=`): train (default; resumes from DIR's latest checkpoint), eval (pass^k of
 the latest checkpoint on the held-out tasks), serve (the latest checkpoint's policy behind an
-OpenAI-compatible endpoint, `--port`, for tau-bench's own harness or a local judge/user). On a multi-host slice every host runs this same
+OpenAI-compatible endpoint, `--port`, for tau-bench's own harness or a local judge/user),
+warmstart (SFT on the training split's expert dialogues only, written to `--warmstart_out`: the
+file `warmstart.init` starts a run from). On a multi-host slice every host runs this same
 command; `--multihost` initialises JAX's multi-controller runtime first.
 """
 from __future__ import annotations
@@ -24,6 +26,8 @@ flags.DEFINE_integer("num_processes", 0, "with --coordinator: how many processes
 flags.DEFINE_integer("process_id", -1, "with --coordinator: this process's index")
 flags.DEFINE_string("host", "127.0.0.1", "serve mode: address to bind")
 flags.DEFINE_integer("port", 8000, "serve mode: port")
+flags.DEFINE_string("warmstart_out", "warmstart.safetensors",
+                    "warmstart mode: where to write the warm-started policy")
 FLAGS = flags.FLAGS
 
 
@@ -48,12 +52,19 @@ def main(argv):
     if config.mode == "train":
         _, meta = t.run()
         if jax.process_index() == 0:
-            print(json.dumps({"evals": meta["evals"], "warmstart": meta.get("warmstart")}, indent=1))
+            from tarl_jax import metrics
+            print(metrics.summary(meta, t.workdir), flush=True)
+    elif config.mode == "warmstart":
+        # Writes the warm start a run can begin from (warmstart.init): `--warmstart_out`.
+        meta = t.save_warm_start(FLAGS.warmstart_out)
+        print(json.dumps({"path": FLAGS.warmstart_out, **meta["sft"],
+                          "seconds": round(meta["seconds"], 1)}), flush=True)
     elif config.mode == "eval":
         state, _ = t.init_or_restore(resume_curriculum=False)
         print(json.dumps(t.evaluate(state), indent=1))
     else:
-        raise app.UsageError(f"--config.mode={config.mode!r}: choose train | eval | serve")
+        raise app.UsageError(f"--config.mode={config.mode!r}: choose train | eval | serve | "
+                             "warmstart")
 
 
 def serve(config):

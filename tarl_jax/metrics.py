@@ -32,19 +32,83 @@ def progress(it, desc: str, **kw):
     return tqdm(it, desc=desc, disable=jax.process_index() != 0, dynamic_ncols=True, **kw)
 
 
+def _headline(ev: dict) -> tuple[str, float, int]:
+    """(key, pass^1, tasks) of an evaluation's headline: tasks that need a write."""
+    if "pass^1/writes" in ev:
+        return "pass^1/writes", ev["pass^1/writes"], ev["tasks/writes"]
+    return "pass^1", ev["pass^1"], len(ev.get("per_task", {})) or 1
+
+
+def summary(meta: dict, workdir: pathlib.Path) -> str:
+    """What a run did, for a person: held-out pass^1 before and after RL with 95% intervals,
+    the paired difference on the same tasks, and where the evidence lies."""
+    from tarl_jax import stats
+    lines = []
+    evals = meta.get("evals", [])
+    if evals:
+        first, last = evals[0], evals[-1]
+        key, p0, n = _headline(first)
+        _, p1, _ = _headline(last)
+        lo0, hi0 = stats.wilson(p0 * n, n)
+        lo1, hi1 = stats.wilson(p1 * n, n)
+        what = "tasks needing a write" if key.endswith("writes") else "tasks"
+        lines.append(f"held-out pass^1 on {n} {what} (greedy): step {first['step']} {p0:.3f} "
+                     f"[{lo0:.3f}, {hi0:.3f}] -> step {last['step']} {p1:.3f} [{lo1:.3f}, {hi1:.3f}]"
+                     " (95% Wilson)")
+        if "per_task" in first and "per_task" in last:
+            pool = first.get("write_tasks") or list(first["per_task"])
+            ids = [t for t in pool if t in first["per_task"] and t in last["per_task"]]
+            d = stats.paired_difference([first["per_task"][t] for t in ids],
+                                        [last["per_task"][t] for t in ids])
+            lines.append(f"paired difference: {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
+                         f"(95% paired t over {d['n']} tasks; {d['improved']} improved, "
+                         f"{d['worsened']} worsened)")
+        if "pass^1/no_write" in last:
+            lines.append(f"tasks where doing nothing is right ({last['tasks/no_write']}): "
+                         f"{first['pass^1/no_write']:.3f} -> {last['pass^1/no_write']:.3f}")
+        lines.append("evaluations: " + ", ".join(f"step {e['step']} {_headline(e)[1]:.3f}"
+                                                  for e in evals))
+    ws = meta.get("warmstart")
+    if ws:
+        lines.append(f"warm start: NLL {ws['nll_first']:.2f} -> {ws['nll_last']:.2f} on "
+                     f"{ws['expert_solved']} expert dialogues")
+    lines.append(f"plot {workdir / 'reward.png'}; checkpoints {workdir / 'checkpoints'}; "
+                 f"episodes {workdir / 'episodes'}; metrics {workdir / 'metrics.jsonl'}")
+    return "\n".join(lines)
+
+
 def plot(meta: dict, path: pathlib.Path):
+    """Training reward per RL step (and its running mean) beside held-out pass^1 with 95%
+    Wilson intervals at every evaluation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+
+    from tarl_jax import stats
     hist, evals = meta["history"], meta["evals"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot([h["step"] for h in hist], [h["reward"] for h in hist], label="reward (TARL)")
-    ax[0].plot([h["step"] for h in hist], [10 * h["outcome"] for h in hist], label="10 x outcome")
+    steps = [h["step"] for h in hist]
+    for key, scale, label in (("reward", 1.0, "reward (TARL)"), ("outcome", 10.0, "10 x outcome")):
+        y = np.array([scale * h[key] for h in hist])
+        line, = ax[0].plot(steps, y, alpha=0.35, label=label)
+        if len(y) >= 5:
+            w = max(3, len(y) // 8)
+            ax[0].plot(steps[w - 1:], np.convolve(y, np.ones(w) / w, "valid"), color=line.get_color(),
+                       label=f"{label}, mean of {w}")
     ax[0].set_xlabel("RL step")
-    ax[0].legend()
-    ax[1].plot([e["step"] for e in evals], [e["pass^1"] for e in evals], "o-")
+    ax[0].set_title("training batches")
+    ax[0].legend(fontsize=7)
+    if evals:
+        key, _, n = _headline(evals[0])
+        x = [e["step"] for e in evals]
+        y = [_headline(e)[1] for e in evals]
+        ci = np.array([stats.wilson(p * n, n) for p in y])
+        ax[1].errorbar(x, y, yerr=[np.array(y) - ci[:, 0], ci[:, 1] - np.array(y)], fmt="o-",
+                       capsize=3)
+        ax[1].set_ylim(0, 1)
+        ax[1].set_title(f"held-out pass^1, {n} tasks (95% Wilson)")
     ax[1].set_xlabel("RL step")
-    ax[1].set_ylabel("held-out pass^1")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

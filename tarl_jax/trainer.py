@@ -99,7 +99,8 @@ class Trainer:
         limits = (f"rollout.max_turn_tokens={c.rollout.max_turn_tokens}, rollout.cache_len="
                   f"{c.rollout.cache_len}, world.max_steps={c.world.max_steps}")
         out = {}
-        for split, tasks in (("train", self.world.train), ("held-out", self.world.eval)):
+        evaluated = "validation" if c.world.get("eval_split", "test") == "validation" else "held-out"
+        for split, tasks in (("train", self.world.train), (evaluated, self.world.eval)):
             eps = limits_lib.expert_episodes(self.world, self.tok, self.tool_view, tasks)
             out[split] = limits_lib.check(eps, c.rollout.max_turn_tokens, c.rollout.cache_len,
                                           c.world.max_steps)
@@ -137,7 +138,9 @@ class Trainer:
             return state, meta
         params = self._initial_params
         meta = {"history": [], "evals": []}
-        if self.config.warmstart.steps:
+        if self.config.warmstart.get("init"):
+            params, meta["warmstart"] = self.load_warm_start(params)
+        elif self.config.warmstart.steps:
             params, sft = self.warm_start(params)
             meta["warmstart"] = sft
         state = step_lib.init_state(params, self.optimizer, self.model_cfg, self.ppo, self.state_sh,
@@ -178,9 +181,10 @@ class Trainer:
         state = step_lib.init_state(params, optimizer, self.model_cfg, False, sh)
         rng = np.random.default_rng([self.config.seed, jax.process_index()])
         losses_seen = []
-        rows = c.batch_rows // jax.process_count()   # global batch rows, split over hosts
+        # Global rows and dialogues per step, split over hosts.
+        per_step = (c.get("dialogues", 0) or c.batch_rows) // jax.process_count()
         for i in metrics_lib.progress(range(c.steps), "warm start"):
-            pick = rng.choice(len(ok), size=min(rows, len(ok)), replace=False)
+            pick = rng.choice(len(ok), size=min(per_step, len(ok)), replace=False)
             batch = batch_lib.pack_agreed([ok[j] for j in pick], np.ones(len(pick), np.float32),
                                           (c.seq_len,), (c.batch_rows,), "truncate",
                                           audio=self.speech, audio_token_id=self.audio_id or -1)
@@ -193,6 +197,40 @@ class Trainer:
         log.info("warm start: NLL %.3f -> %.3f over %d steps", losses_seen[0], losses_seen[-1], c.steps)
         return state["params"]["policy"], {"nll_first": losses_seen[0], "nll_last": losses_seen[-1],
                                            "expert_solved": len(ok), "expert_episodes": len(episodes)}
+
+    def warm_start_provenance(self) -> dict:
+        """What a saved warm start depends on: a run may only start from one made for its own
+        model, world, prompt and tool view."""
+        c = self.config
+        return {"model": {k: c.model[k] for k in ("preset", "hf_dir", "gguf", "tokenizer")},
+                "world": {k: c.world[k] for k in ("source", "data_dir", "domain", "tool_view",
+                                                  "system_prompt")} | {"synth": dict(c.world.synth)}}
+
+    def save_warm_start(self, path) -> dict:
+        """Run the warm start on the training split and write its policy to `path` (the file
+        `warmstart.init` names), with its provenance and cost."""
+        t0 = time.perf_counter()
+        params, sft = self.warm_start(self._initial_params)
+        meta = {**self.warm_start_provenance(), "sft": sft, "seconds": time.perf_counter() - t0,
+                "warmstart": dict(self.config.warmstart), "seed": self.config.seed,
+                "train_tasks": len(self.world.train)}
+        ckpt_lib.save_flat(path, params, meta)
+        return meta
+
+    def load_warm_start(self, params) -> tuple[Any, dict]:
+        """The policy `warmstart.init` holds (a file `save_warm_start` wrote; a bare name is one
+        shipped in tarl_jax/assets/warmstart/), refused if made for another model or world."""
+        path = ckpt_lib.warm_start_path(self.config.warmstart.init)
+        params, meta = ckpt_lib.load_flat(path, params)
+        want, got = self.warm_start_provenance(), {k: meta.get(k) for k in ("model", "world")}
+        if got != want:
+            diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+            raise ValueError(f"warmstart.init={path} was made for another setting ({diff}, as "
+                             "(file, this run)): remake it with --config.mode=warmstart, or set "
+                             "warmstart.init='' to warm-start here")
+        log.info("warm start: loaded %s (NLL %.3f after %d steps, %.0f s to make)", path,
+                 meta["sft"]["nll_last"], meta["warmstart"]["steps"], meta["seconds"])
+        return params, {**meta["sft"], "init": str(path)}
 
     # -- rollouts ----------------------------------------------------------------------------
     def rollouts(self, params, tasks, samples, temperature, rng, first_task: int = 0,
@@ -255,7 +293,19 @@ class Trainer:
             for task_id, reward in host_trials:
                 trials.setdefault(task_id, []).append(reward)
             turns += host_turns
-        return {"pass^1": sandbox_reward.pass_hat_k(trials, 1), "eval_turns": float(np.mean(turns))}
+        out = {"pass^1": sandbox_reward.pass_hat_k(trials, 1), "eval_turns": float(np.mean(turns)),
+               "per_task": {t: float(np.mean([sandbox_reward.is_success(r) for r in rs]))
+                            for t, rs in trials.items()}}
+        # The headline counts tasks that need a write; where doing nothing is right (answer a
+        # question, decline) is its own line: an agent that does nothing passes those.
+        writes = {t.task_id for t in self.world.eval if limits_lib.has_write(t)}
+        out["write_tasks"] = sorted(writes & set(trials))
+        for name, keep in (("writes", lambda t: t in writes), ("no_write", lambda t: t not in writes)):
+            part = {t: rs for t, rs in trials.items() if keep(t)}
+            if part:
+                out[f"pass^1/{name}"] = sandbox_reward.pass_hat_k(part, 1)
+                out[f"tasks/{name}"] = len(part)
+        return out
 
     # -- one RL step -------------------------------------------------------------------------
     def rl_step(self, state, step: int) -> tuple[dict, dict]:
@@ -337,7 +387,8 @@ class Trainer:
                 if done % c.eval_every == 0 or done == c.total_steps:
                     ev = self.evaluate(state)
                     meta["evals"].append({"step": done, **ev})
-                    metrics.update({f"eval/{k}": v for k, v in ev.items()})
+                    metrics.update({f"eval/{k}": v for k, v in ev.items()
+                                    if isinstance(v, (int, float))})
                 if self.writer:
                     self.writer.write(done, metrics)
                 meta["curriculum"] = self.curriculum.get_state()
@@ -351,4 +402,5 @@ class Trainer:
             (self.workdir / "summary.json").write_text(json.dumps(
                 {"evals": meta["evals"], "warmstart": meta.get("warmstart"),
                  "limits": self.limits}, indent=1))
+            (self.workdir / "summary.txt").write_text(metrics_lib.summary(meta, self.workdir) + "\n")
         return state, meta

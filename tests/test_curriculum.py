@@ -54,9 +54,9 @@ def test_synthetic_tasks_round_trip_through_array_record(synthetic):
     files = sorted((data_dir / "tarl_tool_tasks" / configs["tool"].name).rglob("*.array_record-*"))
     assert [f.name.split(".")[0] for f in files] == ["tarl_tool_tasks-test", "tarl_tool_tasks-train"]
     _, tasks = synth.generate(synth.SynthConfig(**config.world.synth))
-    cut = len(tasks) - config.world.eval_tasks
-    assert_same_tasks(read_all("tool", configs["tool"], data_dir), tasks[:cut])
-    assert_same_tasks(read_all("tool", configs["tool"], data_dir, "test"), tasks[cut:])
+    parts = synth.split(tasks, config.world.eval_tasks, config.world.val_tasks)
+    assert_same_tasks(read_all("tool", configs["tool"], data_dir), parts["train"])
+    assert_same_tasks(read_all("tool", configs["tool"], data_dir, "test"), parts["test"])
     # the tasks the trainer's world holds (warm start, eval) are the curriculum's
     world = components.build_world(config)
     assert_same_tasks(read_all("tool", configs["tool"], data_dir), world.train)

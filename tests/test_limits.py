@@ -11,7 +11,7 @@ TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 
 @pytest.fixture(scope="module")
 def expert():
-    c = configlib.load(TINY)
+    c = configlib.load(TINY, "level=2")   # tau-bench-shaped tasks: long replies, long dialogues
     tok, _, _ = components.load_model({"preset": "micro", "tokenizer": "tiny"})
     world = components.build_world(c)
     tasks = world.train[:40]
@@ -41,6 +41,7 @@ def test_counts_agree_with_the_expert_dialogues(expert):
 def test_enforce_warns_refuses_or_passes(expert, caplog):
     _, eps = expert
     report = limits.check(eps, 48, 2048, 10)
+    assert report["infeasible"] > 0
     with pytest.raises(ValueError, match=f"{report['infeasible']} of 40 train tasks cannot be"):
         limits.enforce(report, "train", "these limits", "error")
     limits.enforce(report, "train", "these limits", "warn")
@@ -50,8 +51,20 @@ def test_enforce_warns_refuses_or_passes(expert, caplog):
 
 
 def test_trainer_refuses_before_anything_expensive(tmp_path):
-    c = configlib.load(TINY, "runlocal")
+    c = configlib.load(TINY, "runlocal,level=2")
     c.model.preset, c.rollout.infeasible = "micro", "error"
+    c.rollout.max_turn_tokens, c.rollout.cache_len = 48, 2048   # the old demo's limits
     with pytest.raises(ValueError, match="cannot be solved under rollout.max_turn_tokens=48"):
         trainer.Trainer(c, str(tmp_path))
     assert not (tmp_path / "data").exists()   # the curriculum was never prepared
+
+
+def test_every_level_of_the_default_config_fits_its_limits():
+    """configs/tiny.py sizes its limits from the data: the expert's path fits at every level."""
+    tok, _, _ = components.load_model({"preset": "micro", "tokenizer": "tiny"})
+    for level in (0, 1, 2):
+        c = configlib.load(TINY, f"level={level}")
+        world = components.build_world(c)
+        eps = limits.expert_episodes(world, tok, components.tool_view(c), world.train + world.eval)
+        r = c.rollout
+        assert limits.check(eps, r.max_turn_tokens, r.cache_len, c.world.max_steps)["infeasible"] == 0

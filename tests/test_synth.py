@@ -185,3 +185,40 @@ def test_expert_writes_only_after_yes(synthetic):
     assert "cancel_pending_order" not in calls and ep.reward == 0.0
     assert any("did not cancel order" in (m["content"] or "") for m in ep.messages
                if m["role"] == "assistant")
+
+
+def test_split_holds_out_new_request_combinations():
+    _, tasks = synth.generate(synth.SynthConfig(level=0, num_users=60, num_orders=200,
+                                                num_tasks=150))
+    parts = synth.split(tasks, test=40, validation=20)
+    assert parts["test"] == tasks[-40:] and parts["validation"] == tasks[-60:-40]
+    ids = {k: {t.task_id for t in v} for k, v in parts.items()}
+    assert not ids["train"] & (ids["test"] | ids["validation"])
+    held = set().union(*(synth.write_targets(t) for t in parts["test"] + parts["validation"]))
+    assert held and all(synth.write_targets(t) for t in tasks)   # every task writes something
+    assert not any(synth.write_targets(t) & held for t in parts["train"])
+    # the filter did bite: some earlier tasks wrote a held-out record and are gone
+    assert 0 < len(tasks) - 60 - len(parts["train"]) < 90
+    with pytest.raises(ValueError, match="leave none"):
+        synth.split(tasks, 100, 50)
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_lower_levels_keep_the_real_tools_and_outcome(level):
+    """Every level's tasks are solved by the expert through the real tools, with a real write
+    whose arguments the dialogue or a tool result carries; level 0 is one cancellation whose
+    arguments the user states, with short ids."""
+    world, tasks = synth.make_world(synth.SynthConfig(level=level, num_tasks=30))
+    results = _solve(world, tasks)
+    assert {r for r, _ in results.values()} == {1.0}
+    writes = [[a for a in t.actions if a.name in domains.WRITE_TOOLS["retail"]] for t in tasks]
+    assert all(len(w) == 1 for w in writes)
+    if level == 0:
+        assert {w[0].name for w in writes} == {"cancel_pending_order"}
+        assert all(len(t.actions) == 1 and len(w[0].kwargs["order_id"]) == 6
+                   for t, w in zip(tasks, writes))    # "#W" + 4 digits
+    else:
+        assert len({w[0].name for w in writes}) >= 3
+        assert all(t.actions[0].name.startswith("get_") for t in tasks)   # looked up first
+    with pytest.raises(ValueError, match="level=7"):
+        synth.generate(synth.SynthConfig(level=7))

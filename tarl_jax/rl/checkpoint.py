@@ -127,3 +127,47 @@ def restore_policy(workdir, cfg, step: int | None = None, mesh=None, rules=None)
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
     return cfg, restored["params"]["policy"]
+
+
+def warm_start_path(name) -> pathlib.Path:
+    """A file path, or the bare name of a warm start shipped in tarl_jax/assets/warmstart/."""
+    path = pathlib.Path(name)
+    if path.suffix or len(path.parts) > 1:
+        return path
+    return pathlib.Path(__file__).resolve().parents[1] / "assets" / "warmstart" / f"{name}.safetensors"
+
+
+def save_flat(path, params: Any, meta: dict) -> None:
+    """A small parameter tree as one safetensors file (keys "a/b/c"), with `meta` (JSON-able)
+    as its metadata: the shipped warm start, made by `main --config.mode=warmstart`."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+    flat = {"/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(v)
+            for keys, v in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]}
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(flat, str(path), metadata={"meta": json.dumps(meta, sort_keys=True)})
+
+
+def load_flat(path, like: Any) -> tuple[Any, dict]:
+    """(params shaped and placed like `like`, meta) from `save_flat`'s file; every leaf must be
+    there with the same shape and dtype."""
+    import json
+
+    from safetensors import safe_open
+    with safe_open(str(path), framework="numpy") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        names = set(f.keys())
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+        out = []
+        for keys, ref in leaves:
+            name = "/".join(str(getattr(k, "key", k)) for k in keys)
+            if name not in names:
+                raise ValueError(f"{path}: no tensor {name!r} (a checkpoint of another model?)")
+            x = f.get_tensor(name)
+            if x.shape != ref.shape or x.dtype != ref.dtype:
+                raise ValueError(f"{path}: {name} is {x.dtype}{list(x.shape)}, the model wants "
+                                 f"{ref.dtype}{list(ref.shape)}")
+            out.append(jax.device_put(x, ref.sharding) if hasattr(ref, "sharding") else x)
+    return jax.tree_util.tree_unflatten(treedef, out), meta

@@ -125,8 +125,8 @@ class TarlToolTasks(_TaskBuilder):
         s = self.builder_config.spec
         if s["source"] == "synthetic":
             _, tasks = synth.generate(synth.SynthConfig(**s["synth"]))
-            cut = len(tasks) - s["eval_tasks"]
-            return {"train": tasks[:cut], "test": tasks[cut:]}
+            parts = synth.split(tasks, s["eval_tasks"], s.get("val_tasks", 0))
+            return {"train": parts["train"], "test": parts["test"]}
         return find_data_dir(s["dir"], s["domain"]).load_splits()
 
 
@@ -153,8 +153,10 @@ def source_configs(config) -> dict[str, TaskSetConfig]:
     w = config.world
     if "tool" in needed:
         if w.source == "synthetic" and not w.data_dir:
-            out["tool"] = make_config("synthetic", {"source": "synthetic", "synth": dict(w.synth),
-                                                    "eval_tasks": w.eval_tasks})
+            spec = {"source": "synthetic", "synth": dict(w.synth), "eval_tasks": w.eval_tasks}
+            if w.get("val_tasks", 0):
+                spec["val_tasks"] = w.val_tasks
+            out["tool"] = make_config("synthetic", spec)
         else:
             data = find_data_dir(w.data_dir, w.domain)
             out["tool"] = make_config(w.domain, {"source": "dir", "dir": str(data.path),

@@ -237,13 +237,55 @@ class SynthConfig:
     num_products: int = 20
     num_orders: int = 150
     num_tasks: int = 200
+    level: int = 2          # difficulty (LEVELS); 2 is the tau-bench-shaped world
+
+
+# The difficulty ladder. Every level has the same tools, real database writes and the same
+# outcome rule (the database after the dialogue equals the gold replay's); what shrinks is the
+# path to it.
+#   0  one cancellation: the user names the order and the reason in their first message and is
+#      already signed in; the agent confirms, calls cancel_pending_order with the order id and
+#      reason copied from the dialogue, and closes. Short ids, one item per order.
+#   1  one request of several kinds (cancel, change the payment or the address of a pending
+#      order, return items), signed in; the agent looks the order up first, and payment
+#      methods and items come from tool results. Short ids, one or two items per order.
+#   2  tau-bench's shape: identify the user, one or two requests of every kind, full-length ids,
+#      up to five items per order, questions whose answers are in the database.
+LEVELS = (0, 1, 2)
+_SHORT_DIGITS = {10: 6, 7: 4, 5: 3, 12: 6, 4: 4}   # id length at levels 0-1, by level-2 length
+_LEVEL_KINDS = {0: {"cancel": 1},
+                1: {"cancel": 2, "modify_payment": 2, "modify_address": 1, "return": 2}}
 
 
 def generate(cfg: SynthConfig | None = None) -> tuple[dict, list[Task]]:
     """Returns (tables, tasks): tables = {"users", "orders", "products"} as in tau-bench v1."""
     cfg = cfg or SynthConfig()
-    tables = generate_world(cfg.seed, cfg.num_users, cfg.num_products, cfg.num_orders)
-    return tables, generate_tasks(tables, cfg.seed, cfg.num_tasks)
+    if cfg.level not in LEVELS:
+        raise ValueError(f"world.synth.level={cfg.level}: choose from {LEVELS}")
+    tables = generate_world(cfg.seed, cfg.num_users, cfg.num_products, cfg.num_orders, cfg.level)
+    return tables, generate_tasks(tables, cfg.seed, cfg.num_tasks, cfg.level)
+
+
+def write_targets(task: Task) -> set[str]:
+    """The records a task's gold writes change (orders, user accounts)."""
+    return {f"{k}={a.kwargs[k]}" for a in task.actions
+            for k in ("order_id", "user_id", "reservation_id") if k in a.kwargs
+            and a.name in domains.WRITE_TOOLS.get(task.domain, ())}
+
+
+def split(tasks: list[Task], test: int, validation: int = 0) -> dict[str, list[Task]]:
+    """The one rule for the synthetic splits: test = the last `test` tasks, validation = the
+    `validation` before them, train = the rest less every task that writes a record a test or
+    validation task writes (so held-out requests are new combinations, never a training
+    request on the same order or account). Tune on validation; report test."""
+    if test + validation >= len(tasks):
+        raise ValueError(f"{test} test + {validation} validation tasks leave none of "
+                         f"{len(tasks)} for training")
+    cut = len(tasks) - test - validation
+    held = tasks[cut:]
+    taken = set().union(*(write_targets(t) for t in held))
+    return {"train": [t for t in tasks[:cut] if not write_targets(t) & taken],
+            "validation": held[:validation], "test": held[validation:]}
 
 
 def make_world(cfg: SynthConfig | None = None) -> tuple[World, list[Task]]:
@@ -291,13 +333,15 @@ def _address(rng: random.Random) -> dict:
 
 
 def generate_world(seed: int = 0, num_users: int = 50, num_products: int = 20,
-                   num_orders: int = 150) -> dict:
+                   num_orders: int = 150, level: int = 2) -> dict:
     if num_products > len(CATALOGUE):
         raise ValueError(f"num_products={num_products}, but CATALOGUE has {len(CATALOGUE)} types")
     if num_users > len(FIRST_NAMES) * len(LAST_NAMES):
         raise ValueError(f"num_users={num_users} exceeds the distinct names available")
     rng = random.Random(f"world-{seed}")
-    new_id = _Ids(rng)
+    ids = _Ids(rng)
+    new_id = ids if level >= 2 else (lambda digits: ids(_SHORT_DIGITS.get(digits, digits)))
+    max_items = {0: 1, 1: 2}.get(level, 5)
 
     products = {}
     for name, options, (lo, hi) in rng.sample(CATALOGUE, num_products):
@@ -344,7 +388,7 @@ def generate_world(seed: int = 0, num_users: int = 50, num_products: int = 20,
         user = users[uid]
         oid = f"#W{new_id(7)}"
         picks = []
-        for p, v in rng.sample(all_variants, rng.randint(1, 5)):
+        for p, v in rng.sample(all_variants, rng.randint(1, max_items)):
             if v["item_id"] not in {i["item_id"] for i in picks}:
                 picks.append({"name": p["name"], "product_id": p["product_id"],
                               "item_id": v["item_id"], "price": v["price"],
@@ -604,7 +648,8 @@ class _TaskMaker:
                         question="How much is left on my gift card?")
 
 
-def generate_tasks(tables: dict, seed: int = 0, num_tasks: int = 200) -> list[Task]:
+def generate_tasks(tables: dict, seed: int = 0, num_tasks: int = 200,
+                   level: int = 2) -> list[Task]:
     rng = random.Random(f"tasks-{seed}")
     maker = _TaskMaker(tables, rng)
     makers = {"cancel": maker.cancel, "modify_address": maker.modify_address,
@@ -612,7 +657,8 @@ def generate_tasks(tables: dict, seed: int = 0, num_tasks: int = 200) -> list[Ta
               "modify_payment": maker.modify_payment, "modify_items": maker.modify_items,
               "return": maker.return_, "exchange": maker.exchange,
               "user_address": maker.user_address, "lookup": maker.lookup}
-    kinds, weights = list(TASK_KINDS), list(TASK_KINDS.values())
+    mix = _LEVEL_KINDS.get(level, TASK_KINDS)
+    kinds, weights = list(mix), list(mix.values())
     user_ids = list(tables["users"])
     tasks = []
     while len(tasks) < num_tasks:
@@ -620,7 +666,8 @@ def generate_tasks(tables: dict, seed: int = 0, num_tasks: int = 200) -> list[Ta
         # One or two requests whose writes share no order, payment method or user record: each
         # was planned on the initial state (a second gift card charge could overdraw it).
         requests, touched = [], set()
-        for kind in rng.choices(kinds, weights, k=1 if rng.random() < 0.75 else 2):
+        n = 1 if level < 2 or rng.random() < 0.75 else 2
+        for kind in rng.choices(kinds, weights, k=n):
             req = makers[kind](uid)
             if req is None:
                 continue
@@ -631,11 +678,11 @@ def generate_tasks(tables: dict, seed: int = 0, num_tasks: int = 200) -> list[Ta
                 requests.append((kind, req))
         if requests:
             task_id = f"synth-retail-s{seed}-{len(tasks):05d}"
-            tasks.append(_assemble(tables, rng, uid, requests, task_id))
+            tasks.append(_assemble(tables, rng, uid, requests, task_id, level))
     return tasks
 
 
-def _assemble(tables, rng, uid, requests, task_id) -> Task:
+def _assemble(tables, rng, uid, requests, task_id, level: int = 2) -> Task:
     user = tables["users"][uid]
     first, last = user["name"]["first_name"], user["name"]["last_name"]
     by = rng.choice(["email", "name_zip"])
@@ -646,14 +693,18 @@ def _assemble(tables, rng, uid, requests, task_id) -> Task:
         who = f"You are {first} {last} and your zip code is {user['address']['zip']}."
         actions = [_act("find_user_id_by_name_zip", first_name=first, last_name=last,
                         zip=user["address"]["zip"])]
+    if level < 2:   # signed in already: no identification
+        who, actions = f"You are {first} {last}, signed in to your account.", []
     for _, req in requests:
-        actions += [a for a in req.reads if a not in actions or a.name != "get_user_details"]
+        if level != 0:   # level 0: the write alone, its arguments all in the user's words
+            actions += [a for a in req.reads if a not in actions or a.name != "get_user_details"]
         actions += [req.write] if req.write else []
     reqs = [r for _, r in requests]
     text = " ".join([who] + [r.instruction for r in reqs] + [rng.choice(PERSONAS)])
     return Task(task_id=task_id, domain="retail", user_id=uid, instruction=text, actions=actions,
                 outputs=[o for r in reqs for o in r.outputs],
-                extra={"source": "synth", "kinds": [k for k, _ in requests],
+                extra={"source": "synth", "kinds": [k for k, _ in requests], "level": level,
+                       "authenticated": level < 2, "lookups": level != 0,
                        "identity": {"by": by, "first_name": first, "last_name": last,
                                     "zip": user["address"]["zip"], "email": user["email"]},
                        "question": " ".join(r.question for r in reqs if r.question),
@@ -795,7 +846,7 @@ class ExpertAgent:
                                            "Could you please tell me your user id?")
             if not any(a.name == "get_user_details" for a in gold):
                 messages = yield self._call(_act("get_user_details", user_id=task.user_id))
-        elif not _identified(task, _last_user(messages)):
+        elif not (task.extra.get("authenticated") or _identified(task, _last_user(messages))):
             messages = yield self._say("Hello! I can help with that. First, I need to verify "
                                        "your identity: could you give me the email address on "
                                        "your account, or your first name, last name and zip code?")
@@ -803,7 +854,7 @@ class ExpertAgent:
         done = []
         for action in gold:
             if action.name in self.writes:
-                lookup = _lookup_for(action)
+                lookup = _lookup_for(action) if task.extra.get("lookups", True) else None
                 if lookup and _key(lookup) not in looked_up:
                     looked_up.add(_key(lookup))
                     messages = yield self._call(lookup)

@@ -1,0 +1,70 @@
+"""The warm start a run can begin from: made by a documented command from the training split
+alone, loaded bit for bit, refused when it was made for another model or world."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tarl_jax import configlib, trainer
+from tarl_jax.rl import checkpoint
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.py")
+
+
+def config(**world):
+    c = configlib.load(TINY, "runlocal")
+    c.model.preset = "micro"
+    c.warmstart.steps = 3
+    c.world.synth.update(world)
+    return c
+
+
+def test_the_documented_command_writes_a_file_a_run_starts_from(tmp_path):
+    out = tmp_path / "ws.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tarl_jax.main", f"--config={TINY}:runlocal",
+         "--config.model.preset=micro", "--config.warmstart.steps=3", "--config.mode=warmstart",
+         f"--workdir={tmp_path / 'make'}", f"--warmstart_out={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["path"] == str(out) and report["nll_last"] < report["nll_first"]
+    c = config()
+    c.warmstart.init = str(out)
+    t = trainer.Trainer(c, str(tmp_path / "run"))
+    params, meta = t.load_warm_start(t._initial_params)
+    saved, file_meta = checkpoint.load_flat(out, t._initial_params)
+    assert meta["init"] == str(out) and meta["nll_last"] == report["nll_last"]
+    # made from the training split alone: the dialogues it saw are the first training tasks'
+    assert file_meta["train_tasks"] == len(t.world.train)
+    assert file_meta["warmstart"]["episodes"] <= len(t.world.train)
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, saved))
+    # the same SFT run here gives the same weights: the file is what the command makes
+    again, _ = t.warm_start(t._initial_params)
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.allclose(a, b, atol=1e-6), params, again))
+
+
+def test_a_file_made_for_another_world_or_model_is_refused(tmp_path):
+    t = trainer.Trainer(config(), str(tmp_path / "a"))
+    path = tmp_path / "ws.safetensors"
+    t.save_warm_start(path)
+    other = config(seed=5)
+    other.warmstart.init = str(path)
+    with pytest.raises(ValueError, match="made for another setting"):
+        trainer.Trainer(other, str(tmp_path / "b")).init_or_restore()
+    bigger = config()
+    bigger.model.preset, bigger.warmstart.init = "tiny", str(path)
+    with pytest.raises(ValueError, match="the model wants"):
+        t2 = trainer.Trainer(bigger, str(tmp_path / "c"))
+        t2.load_warm_start(t2._initial_params)
+
+
+def test_shipped_names_resolve_into_the_package():
+    p = checkpoint.warm_start_path("tiny-level0")
+    assert p == REPO / "tarl_jax" / "assets" / "warmstart" / "tiny-level0.safetensors"
+    assert checkpoint.warm_start_path("/x/y.safetensors") == pathlib.Path("/x/y.safetensors")
