@@ -9,6 +9,7 @@ teaches nothing. The trainer runs this at start-up and warns loudly (or refuses,
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -83,3 +84,19 @@ def enforce(report: dict, split: str, limits: str, policy: str) -> None:
     if policy == "error":
         raise ValueError(msg + "; raise the limits or set rollout.infeasible=warn")
     log.warning("WARNING: %s", msg)
+
+
+def check_run(config, world, tok, tool_view) -> dict:
+    """`check` and `enforce` on a run's training tasks and the tasks it evaluates on."""
+    c, t0 = config, time.perf_counter()
+    r = c.rollout
+    limits = (f"rollout.max_turn_tokens={r.max_turn_tokens}, rollout.cache_len={r.cache_len}, "
+              f"world.max_steps={c.world.max_steps}")
+    evaluated = "validation" if c.world.get("eval_split", "test") == "validation" else "held-out"
+    out = {}
+    for split, tasks in (("train", world.train), (evaluated, world.eval)):
+        eps = expert_episodes(world, tok, tool_view, tasks)
+        out[split] = check(eps, r.max_turn_tokens, r.cache_len, c.world.max_steps)
+        enforce(out[split], split, limits, r.infeasible)
+    log.info("limits: checked in %.1f s", time.perf_counter() - t0)
+    return out

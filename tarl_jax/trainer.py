@@ -70,7 +70,8 @@ class Trainer:
         self._initial_audio = thinker[1] if self.train_audio else None
         self.world = components.build_world(c)
         self.tool_view = components.tool_view(c)
-        self.limits = self.check_limits()
+        # Before anything expensive: how many tasks the rollout limits rule out.
+        self.limits = limits_lib.check_run(c, self.world, self.tok, self.tool_view)
         self.curriculum = curriculum_lib.Curriculum.from_config(
             c, c.curriculum.data_dir or self.workdir / "data")
         self.ppo = c.rl.algo == "ppo"
@@ -91,22 +92,6 @@ class Trainer:
         self.sampler = Sampler(self.model_cfg, params, cache_len=c.rollout.cache_len,
                                audio_token_id=self.audio_id)
         self._initial_params = params
-
-    def check_limits(self) -> dict:
-        """How many train and held-out tasks the rollout limits rule out (limits.py), before
-        anything expensive runs; warns loudly, or refuses with rollout.infeasible=error."""
-        c, t0 = self.config, time.perf_counter()
-        limits = (f"rollout.max_turn_tokens={c.rollout.max_turn_tokens}, rollout.cache_len="
-                  f"{c.rollout.cache_len}, world.max_steps={c.world.max_steps}")
-        out = {}
-        evaluated = "validation" if c.world.get("eval_split", "test") == "validation" else "held-out"
-        for split, tasks in (("train", self.world.train), (evaluated, self.world.eval)):
-            eps = limits_lib.expert_episodes(self.world, self.tok, self.tool_view, tasks)
-            out[split] = limits_lib.check(eps, c.rollout.max_turn_tokens, c.rollout.cache_len,
-                                          c.world.max_steps)
-            limits_lib.enforce(out[split], split, limits, c.rollout.infeasible)
-        log.info("limits: checked in %.1f s", time.perf_counter() - t0)
-        return out
 
     # -- state ---------------------------------------------------------------------------
     def init_or_restore(self, resume_curriculum: bool = True) -> tuple[dict, dict]:
@@ -198,20 +183,12 @@ class Trainer:
         return state["params"]["policy"], {"nll_first": losses_seen[0], "nll_last": losses_seen[-1],
                                            "expert_solved": len(ok), "expert_episodes": len(episodes)}
 
-    def warm_start_provenance(self) -> dict:
-        """What a saved warm start depends on: a run may only start from one made for its own
-        model, world, prompt and tool view."""
-        c = self.config
-        return {"model": {k: c.model[k] for k in ("preset", "hf_dir", "gguf", "tokenizer")},
-                "world": {k: c.world[k] for k in ("source", "data_dir", "domain", "tool_view",
-                                                  "system_prompt")} | {"synth": dict(c.world.synth)}}
-
     def save_warm_start(self, path) -> dict:
         """Run the warm start on the training split and write its policy to `path` (the file
         `warmstart.init` names), with its provenance and cost."""
         t0 = time.perf_counter()
         params, sft = self.warm_start(self._initial_params)
-        meta = {**self.warm_start_provenance(), "sft": sft, "seconds": time.perf_counter() - t0,
+        meta = {**ckpt_lib.warm_start_provenance(self.config), "sft": sft, "seconds": time.perf_counter() - t0,
                 "warmstart": dict(self.config.warmstart), "seed": self.config.seed,
                 "train_tasks": len(self.world.train)}
         ckpt_lib.save_flat(path, params, meta)
@@ -222,7 +199,8 @@ class Trainer:
         shipped in tarl_jax/assets/warmstart/), refused if made for another model or world."""
         path = ckpt_lib.warm_start_path(self.config.warmstart.init)
         params, meta = ckpt_lib.load_flat(path, params)
-        want, got = self.warm_start_provenance(), {k: meta.get(k) for k in ("model", "world")}
+        want = ckpt_lib.warm_start_provenance(self.config)
+        got = {k: meta.get(k) for k in want}
         if got != want:
             diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
             raise ValueError(f"warmstart.init={path} was made for another setting ({diff}, as "

@@ -129,6 +129,15 @@ def restore_policy(workdir, cfg, step: int | None = None, mesh=None, rules=None)
     return cfg, restored["params"]["policy"]
 
 
+def warm_start_provenance(config) -> dict:
+    """What a saved warm start depends on: a run may only start from one made for its own
+    model, world, prompt and tool view."""
+    m, w = config.model, config.world
+    return {"model": {k: m[k] for k in ("preset", "hf_dir", "gguf", "tokenizer")},
+            "world": {k: w[k] for k in ("source", "data_dir", "domain", "tool_view",
+                                        "system_prompt")} | {"synth": dict(w.synth)}}
+
+
 def warm_start_path(name) -> pathlib.Path:
     """A file path, or the bare name of a warm start shipped in tarl_jax/assets/warmstart/."""
     path = pathlib.Path(name)
