@@ -19,12 +19,6 @@ from tarl_jax.sandbox import synth
 log = logging.getLogger("tarl_jax")
 
 
-def has_write(task) -> bool:
-    """Whether the task's gold actions change the database (else doing nothing is right)."""
-    from tarl_jax.sandbox import domains
-    return any(a.name in domains.WRITE_TOOLS.get(task.domain, ()) for a in task.actions)
-
-
 def expert_episodes(world, tok, tool_view, tasks, speech=None, max_steps: int = 30) -> list:
     """The expert's episode on each task, its turns carrying the ids a policy would be fed and
     would generate. `speech`: every other episode is heard (the warm start's mix)."""

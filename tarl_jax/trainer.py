@@ -36,6 +36,7 @@ from tarl_jax.rl import curriculum as curriculum_lib
 from tarl_jax.rl import losses
 from tarl_jax.rl import step as step_lib
 from tarl_jax.sampler import Sampler
+from tarl_jax.sandbox import domains
 from tarl_jax.sandbox import reward as sandbox_reward
 
 log = logging.getLogger("tarl_jax")
@@ -188,9 +189,9 @@ class Trainer:
         `warmstart.init` names), with its provenance and cost."""
         t0 = time.perf_counter()
         params, sft = self.warm_start(self._initial_params)
-        meta = {**ckpt_lib.warm_start_provenance(self.config), "sft": sft, "seconds": time.perf_counter() - t0,
-                "warmstart": dict(self.config.warmstart), "seed": self.config.seed,
-                "train_tasks": len(self.world.train)}
+        meta = {**ckpt_lib.warm_start_provenance(self.config), "sft": sft,
+                "seconds": time.perf_counter() - t0, "warmstart": dict(self.config.warmstart),
+                "seed": self.config.seed, "train_tasks": len(self.world.train)}
         ckpt_lib.save_flat(path, params, meta)
         return meta
 
@@ -276,7 +277,7 @@ class Trainer:
                             for t, rs in trials.items()}}
         # The headline counts tasks that need a write; where doing nothing is right (answer a
         # question, decline) is its own line: an agent that does nothing passes those.
-        writes = {t.task_id for t in self.world.eval if limits_lib.has_write(t)}
+        writes = {t.task_id for t in self.world.eval if domains.gold_writes(t)}
         out["write_tasks"] = sorted(writes & set(trials))
         for name, keep in (("writes", lambda t: t in writes), ("no_write", lambda t: t not in writes)):
             part = {t: rs for t, rs in trials.items() if keep(t)}

@@ -146,6 +146,10 @@ def warm_start_path(name) -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parents[1] / "assets" / "warmstart" / f"{name}.safetensors"
 
 
+def _leaf_name(keys) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in keys)
+
+
 def save_flat(path, params: Any, meta: dict) -> None:
     """A small parameter tree as one safetensors file (keys "a/b/c"), with `meta` (JSON-able)
     as its metadata: the shipped warm start, made by `main --config.mode=warmstart`."""
@@ -153,8 +157,8 @@ def save_flat(path, params: Any, meta: dict) -> None:
 
     import numpy as np
     from safetensors.numpy import save_file
-    flat = {"/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(v)
-            for keys, v in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]}
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+    flat = {_leaf_name(keys): np.asarray(v) for keys, v in leaves}
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(flat, str(path), metadata={"meta": json.dumps(meta, sort_keys=True)})
 
@@ -171,7 +175,7 @@ def load_flat(path, like: Any) -> tuple[Any, dict]:
         leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
         out = []
         for keys, ref in leaves:
-            name = "/".join(str(getattr(k, "key", k)) for k in keys)
+            name = _leaf_name(keys)
             if name not in names:
                 raise ValueError(f"{path}: no tensor {name!r} (a checkpoint of another model?)")
             x = f.get_tensor(name)

@@ -268,9 +268,8 @@ def generate(cfg: SynthConfig | None = None) -> tuple[dict, list[Task]]:
 
 def write_targets(task: Task) -> set[str]:
     """The records a task's gold writes change (orders, user accounts)."""
-    return {f"{k}={a.kwargs[k]}" for a in task.actions
-            for k in ("order_id", "user_id", "reservation_id") if k in a.kwargs
-            and a.name in domains.WRITE_TOOLS.get(task.domain, ())}
+    return {f"{k}={a.kwargs[k]}" for a in domains.gold_writes(task)
+            for k in ("order_id", "user_id", "reservation_id") if k in a.kwargs}
 
 
 def split(tasks: list[Task], test: int, validation: int = 0) -> dict[str, list[Task]]:

@@ -132,8 +132,7 @@ class OfflineUser:
 
     def __init__(self, task, world=None):
         self.task = task
-        write_tools = domains.WRITE_TOOLS.get(task.domain, frozenset())
-        self.writes = [a for a in task.actions if a.name in write_tools]
+        self.writes = domains.gold_writes(task)
         self.identity = _identity(task, world)
 
     def opening(self) -> str:

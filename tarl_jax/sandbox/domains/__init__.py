@@ -151,3 +151,9 @@ WRITE_TOOLS: dict[str, frozenset[str]] = {
                           "update_reservation_baggages", "update_reservation_flights",
                           "update_reservation_passengers"}),
 }
+
+
+def gold_writes(task) -> list:
+    """The task's gold actions that change the database (none: doing nothing is right)."""
+    tools = WRITE_TOOLS.get(task.domain, frozenset())
+    return [a for a in task.actions if a.name in tools]
