@@ -20,7 +20,7 @@ from tarl_jax import configlib
 
 # The agent's system prompt per level: what the expert's dialogues do at that level.
 BRIEFS = {0: ("You are a customer service agent of an online store. Confirm every change with "
-              "the user, then call the tool."),
+              "the user, then call cancel_pending_order with the order id and the reason."),
           1: ("You are a customer service agent of an online store. The user is signed in. Look "
               "up what you change, confirm every change with the user, then call the tool."),
           2: ("You are a customer service agent of an online store. Identify the user first, look "
@@ -54,7 +54,10 @@ def get_config(arg: str | None = None):
                    synth=dict(seed=0, num_users=200, num_products=12, num_orders=1000,
                               num_tasks=400, level=level),
                    eval_tasks=64, val_tasks=64, eval_split="validation" if args.tune else "test",
-                   tool_view="minimal", reward_variant="taubench", max_steps=10,
+                   # Level 0 names its one tool in the brief instead of listing schemas: a
+                   # 60-token first prompt instead of 520, and the copy of ids forms in SFT.
+                   tool_view="none" if level == 0 and not args.taubench else "minimal",
+                   reward_variant="taubench", max_steps=10,
                    # A tiny model cannot use a 600-token policy; tau-bench runs keep the policy.
                    system_prompt=BRIEFS[level] if not args.taubench else "")
     c.math = dict(fraction=float(args.math), source="reasoning_gym:basic_arithmetic", size=200)
@@ -96,9 +99,18 @@ def get_config(arg: str | None = None):
     # per row); each is whole (limits.py checks they fit) and several share a row.
     # init: a file (or the name of one shipped in tarl_jax/assets/warmstart/) made by
     # `--config.mode=warmstart`; the run starts from it instead of running SFT.
-    c.warmstart = dict(steps=100, lr=1e-2, episodes=96, batch_rows=8, seq_len=1024, warmup_steps=5,
-                       dialogues=8, init="")
+    # lr 1e-3 constant: at 1e-2 the copy of ids never formed (600 steps); at 1e-3 it forms
+    # between steps 350 and 400 (validation pass^1 0.02 at 350, 0.30 at 370, 0.91 at 400).
+    # 370 leaves RL a policy that succeeds sometimes. save_every: also write the policy every k
+    # steps (`--config.mode=warmstart`), the candidates a length is chosen from on validation.
+    # init="tiny-level0" starts from the shipped file (370 steps, README) instead.
+    c.warmstart = dict(steps=370, lr=1e-3, schedule="constant", episodes=0, batch_rows=8,
+                       seq_len=1024, warmup_steps=5, dialogues=8, init="", save_every=0)
 
+    if level == 0 and not args.taubench:
+        # The 370-step policy's samples derail at temperature 1 (validation: greedy pass^1 0.30,
+        # sampled 0 of 256); at 0.3, 0.20 of samples succeed and 33% of groups disagree.
+        c.rollout.temperature = 0.3
     if level > 0 or args.taubench:
         # Sized from the expert's own dialogues (limits.py; this world): level 1 up to 4.4k
         # tokens, replies of 121 and 12 steps; level 2 up to 7.6k, 342 and 15.

@@ -184,7 +184,7 @@ def build_world(config) -> World:
 
 
 def tool_view(config):
-    """How tool schemas are shown to the policy (world.tool_view: full | compact | minimal)."""
+    """How tool schemas are shown to the policy (world.tool_view: full | compact | minimal | none)."""
     if config.world.tool_view not in rollout.TOOL_VIEWS:
         raise ValueError(f"world.tool_view={config.world.tool_view!r}: choose from "
                          f"{sorted(rollout.TOOL_VIEWS)}")

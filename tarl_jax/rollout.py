@@ -65,7 +65,14 @@ def minimal_tools(tools: list[dict]) -> list[dict]:
             for t in tools]
 
 
-TOOL_VIEWS = {"full": lambda tools: tools, "compact": compact_tools, "minimal": minimal_tools}
+# "none": no schemas in the prompt; the policy knows its tools from the system prompt's brief and
+# its demonstrations. The tools still exist and calls are validated; only the prompt is shorter.
+# That is what lets a tiny model learn to copy ids: attention starts spread evenly over the
+# context, so the gradient towards the one position to copy from scales as 1/context. Measured
+# on the level-0 world (tiny model, SFT lr 1e-3): first prompt 517 tokens with `minimal`, no copy
+# after 300 steps; 75 tokens with `none`, copy formed between steps 350 and 400.
+TOOL_VIEWS = {"full": lambda tools: tools, "compact": compact_tools, "minimal": minimal_tools,
+              "none": lambda tools: []}
 
 
 class LockstepEngine:

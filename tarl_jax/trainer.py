@@ -144,22 +144,25 @@ class Trainer:
         return state, meta
 
     # -- warm start ------------------------------------------------------------------------
-    def warm_start(self, params) -> tuple[Any, dict]:
+    def warm_start(self, params, on_step=None) -> tuple[Any, dict]:
         """SFT on expert dialogues, tokenised exactly as a rollout would feed them.
+
+        on_step(step, params, nll): called after each SFT step (e.g. to save intermediate
+        policies: `save_warm_start`).
 
         Returns:
           (the policy's params after SFT, {"nll_first", "nll_last", "expert_solved",
           "expert_episodes"}).
         """
         c = self.config.warmstart
-        tasks, _ = distributed.host_share(self.world.train[:c.episodes])
+        tasks, _ = distributed.host_share(self.world.train[:c.episodes or None])   # 0: all
         # In speech mode every other demonstration is heard: SFT covers both modalities. The
         # expert gets tau-bench's 30-step cap even where rollouts are cut shorter.
         episodes = limits_lib.expert_episodes(self.world, self.tok, self.tool_view, tasks,
                                               self.speech, max_steps=30)
         ok = [ep for ep in episodes if ep.reward >= 1]
         log.info("warm start: %d/%d expert episodes solved; training on them", len(ok), len(episodes))
-        optimizer = step_lib.make_optimizer(c.lr, c.warmup_steps, c.steps, "cosine", 1.0)
+        optimizer = step_lib.make_optimizer(c.lr, c.warmup_steps, c.steps, c.schedule, 1.0)
         cfg = dataclasses.replace(self.step_cfg, ppo=False, temperature=1.0,
                                   loss=losses.LossConfig(policy_loss="pg", agg="token_mean"))
         keys = batch_lib.batch_keys(audio="embeddings" if self.speech else None)
@@ -180,6 +183,8 @@ class Trainer:
             state, m = fn(state, step_lib.device_batch(batch.arrays, keys, self.mesh, self.rules),
                           jax.random.key(i))
             losses_seen.append(float(m["loss"]))
+            if on_step is not None:
+                on_step(i + 1, state["params"]["policy"], losses_seen[-1])
         log.info("warm start: NLL %.3f -> %.3f over %d steps", losses_seen[0], losses_seen[-1], c.steps)
         return state["params"]["policy"], {"nll_first": losses_seen[0], "nll_last": losses_seen[-1],
                                            "expert_solved": len(ok), "expert_episodes": len(episodes)}
@@ -187,11 +192,24 @@ class Trainer:
     def save_warm_start(self, path) -> dict:
         """Run the warm start on the training split and write its policy to `path` (the file
         `warmstart.init` names), with its provenance and cost."""
-        t0 = time.perf_counter()
-        params, sft = self.warm_start(self._initial_params)
-        meta = {**ckpt_lib.warm_start_provenance(self.config), "sft": sft,
-                "seconds": time.perf_counter() - t0, "warmstart": dict(self.config.warmstart),
-                "seed": self.config.seed, "train_tasks": len(self.world.train)}
+        t0, c = time.perf_counter(), self.config
+
+        def meta_at(steps, sft):
+            return {**ckpt_lib.warm_start_provenance(c), "sft": sft, "steps": steps,
+                    "seconds": time.perf_counter() - t0, "warmstart": dict(c.warmstart),
+                    "seed": c.seed, "train_tasks": len(self.world.train)}
+
+        def on_step(step, params, nll):
+            # warmstart.save_every: the policy at every k-th step too (`<out>-<step>.safetensors`),
+            # so one run yields the candidates a warm-start length is chosen from (on validation).
+            every = c.warmstart.get("save_every", 0)
+            if every and step % every == 0 and step < c.warmstart.steps:
+                p = pathlib.Path(path)
+                ckpt_lib.save_flat(p.with_name(f"{p.stem}-{step}{p.suffix}"), params,
+                                   meta_at(step, {"nll_last": nll}))
+
+        params, sft = self.warm_start(self._initial_params, on_step)
+        meta = meta_at(c.warmstart.steps, sft)
         ckpt_lib.save_flat(path, params, meta)
         return meta
 
@@ -208,7 +226,8 @@ class Trainer:
                              "(file, this run)): remake it with --config.mode=warmstart, or set "
                              "warmstart.init='' to warm-start here")
         log.info("warm start: loaded %s (NLL %.3f after %d steps, %.0f s to make)", path,
-                 meta["sft"]["nll_last"], meta["warmstart"]["steps"], meta["seconds"])
+                 meta["sft"]["nll_last"], meta.get("steps", meta["warmstart"]["steps"]),
+                 meta["seconds"])
         return params, {**meta["sft"], "init": str(path)}
 
     # -- rollouts ----------------------------------------------------------------------------

@@ -68,3 +68,21 @@ def test_every_level_of_the_default_config_fits_its_limits():
         eps = limits.expert_episodes(world, tok, components.tool_view(c), world.train + world.eval)
         r = c.rollout
         assert limits.check(eps, r.max_turn_tokens, r.cache_len, c.world.max_steps)["infeasible"] == 0
+
+
+def test_level_0_prompt_names_its_tool_instead_of_listing_schemas():
+    """tool_view=none: no schema list (the copy of ids forms in SFT only over a short context),
+    while the tools the environment validates calls against are unchanged."""
+    tok, _, _ = components.load_model({"preset": "micro", "tokenizer": "tiny"})
+    short, listed = configlib.load(TINY), configlib.load(TINY)
+    listed.world.tool_view = "minimal"
+    world = components.build_world(short)
+    task = world.train[:1]
+    a = limits.expert_episodes(world, tok, components.tool_view(short), task)[0]
+    b = limits.expert_episodes(world, tok, components.tool_view(listed), task)[0]
+    first_a, first_b = (tok.decode(ep.agent_turns[0].prompt_ids) for ep in (a, b))
+    assert "<tools>" not in first_a and "cancel_pending_order" in first_a
+    assert "<tools>" in first_b
+    assert len(a.agent_turns[0].prompt_ids) * 4 < len(b.agent_turns[0].prompt_ids)
+    assert a.reward == b.reward == 1.0
+    assert [t.message for t in a.agent_turns] == [t.message for t in b.agent_turns]

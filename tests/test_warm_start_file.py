@@ -11,6 +11,7 @@ import pytest
 
 from tarl_jax import configlib, trainer
 from tarl_jax.rl import checkpoint
+from tarl_jax.rl import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -68,3 +69,40 @@ def test_shipped_names_resolve_into_the_package():
     p = checkpoint.warm_start_path("tiny-level0")
     assert p == REPO / "tarl_jax" / "assets" / "warmstart" / "tiny-level0.safetensors"
     assert checkpoint.warm_start_path("/x/y.safetensors") == pathlib.Path("/x/y.safetensors")
+
+
+def test_save_every_writes_the_intermediate_policies_a_length_is_chosen_from(tmp_path):
+    c = config()
+    c.warmstart.steps, c.warmstart.save_every = 4, 2
+    t = trainer.Trainer(c, str(tmp_path / "run"))
+    seen = {}
+    final, _ = t.warm_start(t._initial_params, lambda step, p, nll: seen.setdefault(
+        step, jax.tree.map(np.array, p)))
+    t2 = trainer.Trainer(c, str(tmp_path / "run2"))
+    meta = t2.save_warm_start(tmp_path / "ws.safetensors")
+    assert sorted(p.name for p in tmp_path.glob("ws*.safetensors")) == ["ws-2.safetensors",
+                                                                       "ws.safetensors"]
+    mid, mid_meta = checkpoint.load_flat(tmp_path / "ws-2.safetensors", t._initial_params)
+    assert mid_meta["steps"] == 2 and meta["steps"] == 4
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.allclose(a, b, atol=1e-6), mid, seen[2]))
+    assert not jax.tree.all(jax.tree.map(np.array_equal, mid, seen[4]))
+    # the intermediate file is a warm start a run can begin from, like the final one
+    c.warmstart.init = str(tmp_path / "ws-2.safetensors")
+    params, _ = trainer.Trainer(c, str(tmp_path / "run3")).load_warm_start(t._initial_params)
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, mid))
+
+
+def test_the_shipped_level_0_warm_start_is_the_default_configs_and_solves_validation_tasks(tmp_path):
+    """tarl_jax/assets/warmstart/tiny-level0 was made by `--config.mode=warmstart` with this
+    config's world, prompt, tool view and SFT settings (README: the command and its cost)."""
+    c = configlib.load(TINY, "tune")
+    c.warmstart.init = "tiny-level0"
+    t = trainer.Trainer(c, str(tmp_path))
+    params, meta = t.load_warm_start(t._initial_params)
+    _, file_meta = checkpoint.load_flat(checkpoint.warm_start_path("tiny-level0"), t._initial_params)
+    assert file_meta["steps"] == c.warmstart.steps
+    assert {k: file_meta["warmstart"][k] for k in ("lr", "schedule", "episodes", "dialogues")} == \
+        {k: c.warmstart[k] for k in ("lr", "schedule", "episodes", "dialogues")}
+    state = step_lib.init_state(params, t.optimizer, t.model_cfg, t.ppo, t.state_sh)
+    ev = t.evaluate(state)   # greedy, the 64 validation tasks (measured: 0.30)
+    assert ev["tasks/writes"] == 64 and 0.15 <= ev["pass^1/writes"] < 0.9
