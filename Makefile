@@ -9,7 +9,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/python -m tarl_jax.main --config=configs/tiny.py --workdir=$(WORKDIR)
+	.venv/bin/python -m tarl_jax.main --config=configs/tiny.py:demo --workdir=$(WORKDIR)
 
 test: setup
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -10,6 +10,8 @@ tasks is measured before and after. Arguments (`configs/tiny.py:ARG`, comma sepa
   level=0|1|2                  the synthetic world's difficulty (sandbox/synth.py LEVELS; default 0)
   tune                         evaluate on the validation split (choose settings there, never on
                                the held-out test split the default reports)
+  demo                         what `make demo` runs: RL from the shipped level-0 warm start
+                               (tiny-level0) with the settings chosen on the validation split
   runlocal                     an even smaller run (a minute; used by tests)
   table                        the budget of `python -m tarl_jax.bench.table` (16 held-out tasks, shorter)
   taubench=DIR                 real tau-bench retail train/test tasks from DIR (../shared/taubench)
@@ -29,7 +31,8 @@ BRIEFS = {0: ("You are a customer service agent of an online store. Confirm ever
 
 def get_config(arg: str | None = None):
     args = configlib.parse_arg(arg, algo="grpo", credit="trajectory", judge="rule", math=0.0,
-                               runlocal=False, table=False, taubench="", level=0, tune=False)
+                               runlocal=False, table=False, taubench="", level=0, tune=False,
+                               demo=False)
     level = int(args.level)
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -131,6 +134,19 @@ def get_config(arg: str | None = None):
         c.total_steps, c.eval_every, c.checkpoint_every = 4, 4, 1
         c.world.eval_tasks = 16
         c.rollout.tasks_per_step = 2
+    if args.demo:
+        # Chosen on the validation split (README): from the 370-step policy, per-turn credit at
+        # lr 1e-4 with each episode weighted equally (seq_mean) over 16 tasks x 4 samples a step
+        # gave validation pass^1 0.30 -> 0.47 in 20 steps; lr 1e-3 and 3e-4 broke the policy,
+        # and token_mean lets failed episodes (8-10 turns against 3) dominate the update.
+        if level != 0 or args.taubench:
+            raise ValueError("demo: the shipped warm start is level 0's synthetic world")
+        c.warmstart.init = "tiny-level0"
+        c.total_steps, c.eval_every, c.checkpoint_every = 20, 10, 10
+        c.rl.update(credit=args.credit if "credit=" in (arg or "") else "per_turn", agg="seq_mean")
+        c.optim.lr = 1e-4
+        c.rollout.tasks_per_step = 16
+        c.pack.rows = (4, 8, 16, 32, 64)
     if args.runlocal:
         c.total_steps, c.eval_every, c.checkpoint_every = 2, 2, 1
         c.world.synth.num_tasks, c.world.eval_tasks, c.world.val_tasks = 40, 4, 4

@@ -106,3 +106,13 @@ def test_the_shipped_level_0_warm_start_is_the_default_configs_and_solves_valida
     state = step_lib.init_state(params, t.optimizer, t.model_cfg, t.ppo, t.state_sh)
     ev = t.evaluate(state)   # greedy, the 64 validation tasks (measured: 0.30)
     assert ev["tasks/writes"] == 64 and 0.15 <= ev["pass^1/writes"] < 0.9
+
+
+def test_the_demo_argument_starts_from_the_shipped_file_with_the_validated_rl_settings():
+    c = configlib.load(TINY, "demo")
+    assert c.warmstart.init == "tiny-level0" and checkpoint.warm_start_path("tiny-level0").exists()
+    assert (c.rl.credit, c.rl.agg, c.optim.lr, c.rollout.temperature) == ("per_turn", "seq_mean", 1e-4, 0.3)
+    assert configlib.load(TINY, "demo,credit=trajectory").rl.credit == "trajectory"
+    assert configlib.load(TINY).warmstart.init == ""   # the plain default still warm-starts itself
+    with pytest.raises(ValueError, match="level 0"):
+        configlib.load(TINY, "demo,level=1")
