@@ -70,8 +70,13 @@ def summary(meta: dict, workdir: pathlib.Path) -> str:
                                                   for e in evals))
     ws = meta.get("warmstart")
     if ws:
-        lines.append(f"warm start: NLL {ws['nll_first']:.2f} -> {ws['nll_last']:.2f} on "
-                     f"{ws['expert_solved']} expert dialogues")
+        # A loaded file (warmstart.init) says where it came from; older or intermediate files
+        # (warmstart.save_every before session 5's fix) carry only the last NLL.
+        nll = (f"NLL {ws['nll_first']:.2f} -> {ws['nll_last']:.2f}" if "nll_first" in ws
+               else f"NLL {ws['nll_last']:.2f}")
+        lines.append(f"warm start: {nll}" + (f" on {ws['expert_solved']} expert dialogues"
+                                             if "expert_solved" in ws else "")
+                     + (f", loaded from {ws['init']}" if "init" in ws else ""))
     lines.append(f"plot {workdir / 'reward.png'}; checkpoints {workdir / 'checkpoints'}; "
                  f"episodes {workdir / 'episodes'}; metrics {workdir / 'metrics.jsonl'}")
     return "\n".join(lines)

@@ -147,8 +147,8 @@ class Trainer:
     def warm_start(self, params, on_step=None) -> tuple[Any, dict]:
         """SFT on expert dialogues, tokenised exactly as a rollout would feed them.
 
-        on_step(step, params, nll): called after each SFT step (e.g. to save intermediate
-        policies: `save_warm_start`).
+        on_step(step, params, sft): called after each SFT step with the returned dict so far
+        (e.g. to save intermediate policies: `save_warm_start`).
 
         Returns:
           (the policy's params after SFT, {"nll_first", "nll_last", "expert_solved",
@@ -183,11 +183,12 @@ class Trainer:
             state, m = fn(state, step_lib.device_batch(batch.arrays, keys, self.mesh, self.rules),
                           jax.random.key(i))
             losses_seen.append(float(m["loss"]))
+            sft = {"nll_first": losses_seen[0], "nll_last": losses_seen[-1],
+                   "expert_solved": len(ok), "expert_episodes": len(episodes)}
             if on_step is not None:
-                on_step(i + 1, state["params"]["policy"], losses_seen[-1])
+                on_step(i + 1, state["params"]["policy"], sft)
         log.info("warm start: NLL %.3f -> %.3f over %d steps", losses_seen[0], losses_seen[-1], c.steps)
-        return state["params"]["policy"], {"nll_first": losses_seen[0], "nll_last": losses_seen[-1],
-                                           "expert_solved": len(ok), "expert_episodes": len(episodes)}
+        return state["params"]["policy"], sft
 
     def save_warm_start(self, path) -> dict:
         """Run the warm start on the training split and write its policy to `path` (the file
@@ -199,14 +200,14 @@ class Trainer:
                     "seconds": time.perf_counter() - t0, "warmstart": dict(c.warmstart),
                     "seed": c.seed, "train_tasks": len(self.world.train)}
 
-        def on_step(step, params, nll):
+        def on_step(step, params, sft):
             # warmstart.save_every: the policy at every k-th step too (`<out>-<step>.safetensors`),
             # so one run yields the candidates a warm-start length is chosen from (on validation).
             every = c.warmstart.get("save_every", 0)
             if every and step % every == 0 and step < c.warmstart.steps:
                 p = pathlib.Path(path)
                 ckpt_lib.save_flat(p.with_name(f"{p.stem}-{step}{p.suffix}"), params,
-                                   meta_at(step, {"nll_last": nll}))
+                                   meta_at(step, dict(sft)))
 
         params, sft = self.warm_start(self._initial_params, on_step)
         meta = meta_at(c.warmstart.steps, sft)

@@ -76,7 +76,7 @@ def test_save_every_writes_the_intermediate_policies_a_length_is_chosen_from(tmp
     c.warmstart.steps, c.warmstart.save_every = 4, 2
     t = trainer.Trainer(c, str(tmp_path / "run"))
     seen = {}
-    final, _ = t.warm_start(t._initial_params, lambda step, p, nll: seen.setdefault(
+    final, _ = t.warm_start(t._initial_params, lambda step, p, sft: seen.setdefault(
         step, jax.tree.map(np.array, p)))
     t2 = trainer.Trainer(c, str(tmp_path / "run2"))
     meta = t2.save_warm_start(tmp_path / "ws.safetensors")
@@ -84,6 +84,7 @@ def test_save_every_writes_the_intermediate_policies_a_length_is_chosen_from(tmp
                                                                        "ws.safetensors"]
     mid, mid_meta = checkpoint.load_flat(tmp_path / "ws-2.safetensors", t._initial_params)
     assert mid_meta["steps"] == 2 and meta["steps"] == 4
+    assert set(mid_meta["sft"]) == set(meta["sft"])   # the summary reads the same fields
     assert jax.tree.all(jax.tree.map(lambda a, b: np.allclose(a, b, atol=1e-6), mid, seen[2]))
     assert not jax.tree.all(jax.tree.map(np.array_equal, mid, seen[4]))
     # the intermediate file is a warm start a run can begin from, like the final one
@@ -116,3 +117,12 @@ def test_the_demo_argument_starts_from_the_shipped_file_with_the_validated_rl_se
     assert configlib.load(TINY).warmstart.init == ""   # the plain default still warm-starts itself
     with pytest.raises(ValueError, match="level 0"):
         configlib.load(TINY, "demo,level=1")
+
+
+def test_the_summary_reads_a_loaded_warm_start_with_or_without_its_first_nll(tmp_path):
+    from tarl_jax import metrics
+    evals = [{"step": s, "pass^1": p, "per_task": {"a": p, "b": 0.0}} for s, p in ((0, 0.0), (2, 1.0))]
+    for ws, want in (({"nll_last": 0.17, "init": "f.safetensors"}, "NLL 0.17, loaded from f.safetensors"),
+                     ({"nll_first": 7.6, "nll_last": 0.2, "expert_solved": 9}, "NLL 7.60 -> 0.20 on 9")):
+        text = metrics.summary({"evals": evals, "warmstart": ws}, tmp_path)
+        assert want in text and "step 0 0.000" in text
