@@ -30,7 +30,7 @@ BRIEFS = {0: ("You are a customer service agent of an online store. Confirm ever
 
 
 def get_config(arg: str | None = None):
-    args = configlib.parse_arg(arg, algo="grpo", credit="trajectory", judge="rule", math=0.0,
+    args = configlib.parse_arg(arg, algo="grpo", credit="", judge="rule", math=0.0,
                                runlocal=False, table=False, taubench="", level=0, tune=False,
                                demo=False)
     level = int(args.level)
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None):
                               num_tasks=400, level=level),
                    eval_tasks=64, val_tasks=64, eval_split="validation" if args.tune else "test",
                    # Level 0 names its one tool in the brief instead of listing schemas: a
-                   # 60-token first prompt instead of 520, and the copy of ids forms in SFT.
+                   # 75-token first prompt instead of 517, and the copy of ids forms in SFT.
                    tool_view="none" if level == 0 and not args.taubench else "minimal",
                    reward_variant="taubench", max_steps=10,
                    # A tiny model cannot use a 600-token policy; tau-bench runs keep the policy.
@@ -89,7 +89,9 @@ def get_config(arg: str | None = None):
     # agg "": the algorithm's own (Dr.GRPO: token_sum_norm; else token_mean). lam / critic_lam:
     # GAE's lambda for PPO's actor and critic (rl/step.py says why 1). skip_no_signal: a batch
     # whose advantages are all 0 does not step the optimizer.
-    c.rl = dict(algo=args.algo, credit=args.credit, policy_loss="ppo", clip_low=0.2, clip_high=0.2,
+    # credit "": trajectory, or per_turn under `demo` (chosen there on validation).
+    credit = args.credit or ("per_turn" if args.demo else "trajectory")
+    c.rl = dict(algo=args.algo, credit=credit, policy_loss="ppo", clip_low=0.2, clip_high=0.2,
                 agg="", kl_coef=0.0, kl_estimator="k3", gamma=1.0, lam=1.0, critic_lam=1.0,
                 skip_no_signal=True, epochs=1, microbatches=1, logprob_chunk=1024)
     # Row buckets of the global batch (each host packs bucket / host count rows).
@@ -143,7 +145,7 @@ def get_config(arg: str | None = None):
             raise ValueError("demo: the shipped warm start is level 0's synthetic world")
         c.warmstart.init = "tiny-level0"
         c.total_steps, c.eval_every, c.checkpoint_every = 20, 10, 10
-        c.rl.update(credit=args.credit if "credit=" in (arg or "") else "per_turn", agg="seq_mean")
+        c.rl.agg = "seq_mean"
         c.optim.lr = 1e-4
         c.rollout.tasks_per_step = 16
         c.pack.rows = (4, 8, 16, 32, 64)
