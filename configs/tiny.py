@@ -88,12 +88,14 @@ def get_config(arg: str | None = None):
     c.reward = dict(w_out=10.0, w_neg=5.0, w_pos=5.0)
     # agg "": the algorithm's own (Dr.GRPO: token_sum_norm; else token_mean). lam / critic_lam:
     # GAE's lambda for PPO's actor and critic (rl/step.py says why 1). skip_no_signal: a batch
-    # whose advantages are all 0 does not step the optimizer.
+    # whose advantages are all 0 does not step the optimizer. A step with a non-finite loss or
+    # gradient is never applied; max_nonfinite of them in a row stop the run (non-zero exit).
     # credit "": trajectory, or per_turn under `demo` (chosen there on validation).
     credit = args.credit or ("per_turn" if args.demo else "trajectory")
     c.rl = dict(algo=args.algo, credit=credit, policy_loss="ppo", clip_low=0.2, clip_high=0.2,
                 agg="", kl_coef=0.0, kl_estimator="k3", gamma=1.0, lam=1.0, critic_lam=1.0,
-                skip_no_signal=True, epochs=1, microbatches=1, logprob_chunk=1024)
+                skip_no_signal=True, epochs=1, microbatches=1, logprob_chunk=1024,
+                max_nonfinite=3)
     # Row buckets of the global batch (each host packs bucket / host count rows).
     # A level-0 dialogue is < 1k tokens (limits.py checks): one per 1k row costs half the
     # attention of two per 2k row.

@@ -11,14 +11,36 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", "configs/tiny.py", "an ml_collections config file",
-                                lock_config=True)
+
+def _exit_usage(*lines: str) -> None:
+    for line in lines:
+        print(f"config error: {line}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _bad_override(e: Exception, argv) -> None:
+    """One line for a --config override ml_collections could not apply (its own error is a
+    55-line chained traceback)."""
+    key = str(e).strip("'\"")
+    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+           and key in a.split("=")[0].split(".")]
+    where = "configs/tiny.py documents every section"
+    _exit_usage(f"{bad[0]}: no such key in the config ({where})" if bad else
+                f"a --config override failed: {type(e).__name__}: {e} ({where})")
+
+
+try:   # ml_collections applies the overrides in sys.argv here, at definition
+    config_flags.DEFINE_config_file("config", "configs/tiny.py", "an ml_collections config file",
+                                    lock_config=True)
+except (AttributeError, KeyError, TypeError, ValueError) as e:
+    _bad_override(e, sys.argv)
 flags.DEFINE_string("workdir", "runs/tiny", "checkpoints, metrics.jsonl, TensorBoard, plots")
 flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU pods, SLURM)")
 flags.DEFINE_string("coordinator", "", "host:port of process 0 (empty: detect, e.g. TPU/SLURM)")
@@ -45,12 +67,22 @@ def main(argv):
         from tarl_jax import distributed
         distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config
-    from tarl_jax import trainer
+    from tarl_jax import config_check, trainer
+    from tarl_jax.rl import checkpoint
+    try:
+        config_check.check(config)
+    except config_check.ConfigError as e:
+        _exit_usage(*(f"--config.{line}" for line in str(e).splitlines()))
     if config.mode == "serve":
         return serve(config)
     t = trainer.Trainer(config, FLAGS.workdir)
     if config.mode == "train":
-        _, meta = t.run()
+        try:
+            _, meta = t.run()
+        except (FloatingPointError, checkpoint.CheckpointWriteError) as e:
+            # non-finite updates (rl.max_nonfinite), a full disk: one clear line, exit 1
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         if jax.process_index() == 0:
             from tarl_jax import metrics
             print(metrics.summary(meta, t.workdir), flush=True)
@@ -62,9 +94,6 @@ def main(argv):
     elif config.mode == "eval":
         state, _ = t.init_or_restore(resume_curriculum=False)
         print(json.dumps(t.evaluate(state), indent=1))
-    else:
-        raise app.UsageError(f"--config.mode={config.mode!r}: choose train | eval | serve | "
-                             "warmstart")
 
 
 def serve(config):
@@ -88,5 +117,15 @@ def serve(config):
         server.close()
 
 
+def parse_flags(argv):
+    """absl's parsing, with a bad flag or config override as one line, exit code 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _exit_usage(str(e).splitlines()[0])
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        _bad_override(e, argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -2,18 +2,36 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import jax
 
 
 class MetricWriter:
-    """metrics.jsonl (always) + TensorBoard event files (tensorboardX, no TensorFlow)."""
+    """metrics.jsonl (always) + TensorBoard event files (tensorboardX, no TensorFlow).
 
-    def __init__(self, workdir: pathlib.Path):
+    `resume_step`: the checkpoint the run resumes from. Rows after it (written before a crash,
+    then lost with the uncommitted state) and a half-written last line are dropped, so the file
+    holds exactly one row per step; TensorBoard is told to purge its events after that step.
+    """
+
+    def __init__(self, workdir: pathlib.Path, resume_step: int = 0):
         from tensorboardX import SummaryWriter
-        self.jsonl = open(workdir / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(workdir / "tb"))
+        path = workdir / "metrics.jsonl"
+        if path.exists():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        keep.append(line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass   # a line cut by the crash
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
+        self.jsonl = open(path, "a")
+        self.tb = SummaryWriter(str(workdir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, metrics: dict):
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -88,7 +88,6 @@ class Trainer:
         self.score = step_lib.make_score_fn(self.model_cfg, self.step_cfg, self.mesh,
                                             self.state_sh["params"], self.keys, self.rules)
         self.ckpt = ckpt_lib.Checkpointer.for_workdir(self.workdir, save_every=c.checkpoint_every)
-        self.writer = metrics_lib.MetricWriter(self.workdir) if jax.process_index() == 0 else None
         self.rng = jax.random.key(c.seed)
         self.sampler = Sampler(self.model_cfg, params, cache_len=c.rollout.cache_len,
                                audio_token_id=self.audio_id)
@@ -377,11 +376,25 @@ class Trainer:
         c = self.config
         state, meta = self.init_or_restore()
         start = int(jax.device_get(state["step"]))
+        # Opened after the restore: rows of steps the checkpoint does not hold are dropped.
+        self.writer = metrics_lib.MetricWriter(self.workdir, start) if jax.process_index() == 0 else None
+        nonfinite = 0
         try:
             for step in metrics_lib.progress(range(start, c.total_steps), "rl", initial=start,
                                              total=c.total_steps):
                 state, metrics = self.rl_step(state, step)
                 done = step + 1
+                nonfinite = nonfinite + 1 if metrics.get("nonfinite") else 0
+                if nonfinite:
+                    log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); "
+                                "the update was not applied", done, metrics["loss"],
+                                metrics["grad_norm"])
+                if nonfinite >= c.rl.get("max_nonfinite", 3):
+                    raise FloatingPointError(
+                        f"{nonfinite} RL steps in a row (to step {done}) had a non-finite loss or "
+                        "gradient and were not applied; the last checkpoint holds finite params. "
+                        "Lower optim.lr or optim.clip_norm, or check the model "
+                        "and batch (rl.max_nonfinite sets how many are tolerated)")
                 meta["history"].append({"step": done, **metrics})
                 if done % c.eval_every == 0 or done == c.total_steps:
                     ev = self.evaluate(state)

@@ -207,10 +207,12 @@ def test_reliability_cli_llm_vs_rule(server, tmp_path, capsys):
     assert "== rule_vs_llm" in printed and "self-consistency" in printed
     agree = report["agreement"]["rule_vs_llm"]
     # rule: [0, 0, 0] twice (only a gold read, never made); llm: [1, -1, 1], then a fallback
-    # to the rule judge for the unparseable answer.
-    assert agree["turns"] == 6 and agree["trajectories"] == 2
-    assert agree["turn_exact_agreement"] == 0.5 and agree["neg_presence_agreement"] == 0.5
-    assert agree["turn_kappa"] == 0.0     # p_o 0.5 == p_e 1 * 0.5: no better than chance
+    # to the rule judge for the unparseable answer: the rule judge's verdict, left out (compared
+    # with the rule judge it read as agreement).
+    assert agree["turns"] == 3 and agree["trajectories"] == 1 and agree["skipped"] == 1
+    assert agree["turn_exact_agreement"] == 0.0 and agree["neg_presence_agreement"] == 0.0
+    assert agree["turn_kappa"] == 0.0     # p_o 0 == p_e 0
+    assert "1 trajectories with both judges' own verdicts (1 skipped" in printed
     llm_entry = report["judges"]["llm"]
     assert llm_entry["rewards"]["fallbacks"] == 1
     assert llm_entry["stats"]["repeats"] == 2 and llm_entry["stats"]["items"] == 4

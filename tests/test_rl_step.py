@@ -167,6 +167,34 @@ def test_a_batch_without_signal_leaves_params_and_adam_alone():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("ppo", [False, True])
+def test_a_non_finite_batch_is_never_applied(ppo):
+    """A NaN advantage (or anything that makes the loss or a gradient non-finite) leaves params
+    and optimizer state exactly as they were and says so (once trained on, NaN ends the run)."""
+    mesh = sharding.make_mesh()
+    opt = S.make_optimizer(1e-2, critic_lr=1e-2 if ppo else None)
+    sh = S.state_shardings(CFG, opt, ppo, mesh)
+    state = S.init_state(qwen.init_params(CFG, jax.random.key(0)), opt, CFG, ppo, sh)
+    keys = S.BATCH_KEYS + (S.PPO_KEYS if ppo else ())
+    fn = S.jit_train_step(CFG, S.StepConfig(logprob_chunk=48, ppo=ppo), opt, mesh, sh, keys)
+    real = make_batch()
+    state, m = fn(state, S.device_batch(real, keys, mesh), jax.random.key(0))
+    assert float(m["nonfinite"]) == 0.0
+    before = jax.device_get(state)
+    bad = dict(real, advantages=real["advantages"].copy(), token_rewards=real["token_rewards"].copy())
+    bad["advantages"][0, 1] = bad["token_rewards"][0, 1] = np.nan
+    bad["loss_mask"] = real["loss_mask"].copy()
+    bad["loss_mask"][0, 1] = True
+    state, m = fn(state, S.device_batch(bad, keys, mesh), jax.random.key(1))
+    after = jax.device_get(state)
+    assert float(m["nonfinite"]) == 1.0 and not np.isfinite(float(m["loss"]))
+    for a, b in zip(jax.tree.leaves(before["params"]) + jax.tree.leaves(before["opt_state"]),
+                    jax.tree.leaves(after["params"]) + jax.tree.leaves(after["opt_state"])):
+        np.testing.assert_array_equal(a, b)
+    state, m = fn(state, S.device_batch(real, keys, mesh), jax.random.key(2))
+    assert float(m["nonfinite"]) == 0.0                   # and the next good batch trains
+
+
 def test_ppo_critic_lambda_is_decoupled_from_the_actors():
     """The critic's targets use critic_lam, the actor's advantages lam: with the same batch,
     changing critic_lam changes the value loss and nothing of the policy loss."""

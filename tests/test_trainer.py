@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,26 @@ def test_sigkill_then_resume_reproduces_metrics(uninterrupted, tmp_path):
     out = subprocess.run(main_cmd(workdir), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     assert metrics(workdir) == ref
+    # exactly one row per step, whatever the kill left behind
+    rows = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3]
+
+
+def test_resumed_metrics_hold_one_row_per_step(tmp_path):
+    """Rows written after the checkpoint a run resumes from, and a line cut by the crash, are
+    dropped when the writer reopens."""
+    from tarl_jax.metrics import MetricWriter
+    w = MetricWriter(tmp_path)
+    for step in (1, 2, 3):
+        w.write(step, {"loss": float(step)})
+    w.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    w = MetricWriter(tmp_path, resume_step=2)
+    w.write(3, {"loss": 30.0})
+    w.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
 def test_serve_mode_answers_with_the_trained_policy(uninterrupted):
@@ -91,3 +112,20 @@ def test_serve_mode_answers_with_the_trained_policy(uninterrupted):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_run_whose_updates_go_non_finite_stops_with_an_error(tmp_path):
+    """lr 1e30 makes every update's result overflow: none is applied, and after
+    rl.max_nonfinite of them in a row the run stops non-zero (it never exits 0 on NaN)."""
+    cmd = [sys.executable, "-m", "tarl_jax.main", *ARGS[:2], "--config.total_steps=3",
+           "--config.eval_every=3", "--config.optim.lr=1e30", "--config.rl.max_nonfinite=2",
+           f"--workdir={tmp_path}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 1, out.stderr[-3000:]
+    # Step 1 trains only PPO's critic (its own lr; the policy's advantages are all 0 there): the
+    # policy's updates overflow from step 2 on.
+    last = out.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: 2 RL steps in a row \(to step 3\) had a non-finite loss or "
+                        r"gradient and were not applied; .*", last), last
+    assert "Traceback" not in out.stderr
+    assert out.stderr.count("the update was not applied") == 2

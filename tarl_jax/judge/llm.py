@@ -6,7 +6,9 @@ answers `{"turns": [{"turn": i, "score": s, "reason": "..."}]}` for i = 1..T. An
 valid only if it is that JSON object (a surrounding ``` fence is tolerated) with exactly one entry
 per turn, scores in {-1, 0, 1} and at most one -1. An invalid answer is shown back to the model
 with the validation error (`max_repairs` times); transport failures (timeouts, connection
-errors, 429/5xx) are retried with exponential backoff (`max_retries` times). If it still fails,
+errors, 429/5xx, a whole answer not within `timeout`, a 200 whose body is not a chat completion)
+are retried with exponential backoff or the server's Retry-After (`max_retries` times); a
+corrupt cache entry is ignored and rewritten. If it still fails,
 `fallback` decides: "rule" scores the sample with the rule judge (source "rule",
 meta["fallback_from"] = "llm"), "drop" returns None in its place. Every retry, repair, fallback
 and drop is counted in the batch stats.
@@ -37,6 +39,7 @@ from typing import Any, Sequence
 
 import openai
 
+from tarl_jax import llm_io
 from tarl_jax.judge import rules
 from tarl_jax.judge.base import (Judgement, agent_turn_positions, dialogue_messages, task_view,
                                  text_of, tool_calls)
@@ -50,9 +53,10 @@ DEFAULTS = dict(
     seed=0,                   # sent as seed + sample; None leaves it out
     json_mode=True,           # send response_format={"type": "json_object"}
     max_concurrency=16,
-    timeout=120.0,            # seconds per request
+    timeout=120.0,            # seconds per request, whole answer (a dripping reply is cut too)
     max_retries=3,            # transport retries per request
     retry_backoff_s=1.0,      # first backoff; doubles each retry
+    max_retry_after_s=60.0,   # a 429/503's Retry-After is honoured up to this many seconds
     max_repairs=1,            # re-asks after an invalid answer
     fallback="rule",          # "rule" | "drop"
     cache_dir=None,
@@ -172,6 +176,7 @@ class JudgeStats:
     latency_s_max: float = 0.0
     cost_usd: float = 0.0
     transport_retries: int = 0
+    malformed_answers: int = 0    # 200s whose body was not a chat completion
     invalid_answers: int = 0
     repairs: int = 0
     fallbacks: int = 0
@@ -195,9 +200,19 @@ class _DiskCache:
             self.dir.mkdir(parents=True, exist_ok=True)
 
     def get(self, key: str) -> dict | None:
-        if not self.dir or not (self.dir / f"{key}.json").exists():
+        """The cached answer, or None (also for a truncated or foreign file: asked again and
+        rewritten, never fatal)."""
+        path = self.dir / f"{key}.json" if self.dir else None
+        if path is None or not path.exists():
             return None
-        return json.loads((self.dir / f"{key}.json").read_text())
+        try:
+            value = json.loads(path.read_text())
+            if isinstance(value, dict) and isinstance(value.get("content"), str):
+                return value
+        except (OSError, UnicodeDecodeError, ValueError):
+            pass
+        logging.getLogger(__name__).warning("llm judge: ignoring corrupt cache entry %s", path)
+        return None
 
     def put(self, key: str, value: dict) -> None:
         if self.dir:
@@ -305,39 +320,48 @@ class LLMJudge:
         if cached is not None:
             stats.cache_hits += 1
             return cached
-        c, last = self.cfg, None
+        c, last, wait = self.cfg, None, 0.0
         for attempt in range(c["max_retries"] + 1):
             if attempt:
                 stats.transport_retries += 1
-                await asyncio.sleep(c["retry_backoff_s"] * 2 ** (attempt - 1))
+                await asyncio.sleep(max(wait, c["retry_backoff_s"] * 2 ** (attempt - 1)))
+            wait = 0.0
             async with sem:
                 t0 = time.perf_counter()
                 stats.requests += 1
                 try:
-                    resp = await client.chat.completions.create(**request)
+                    # The client's timeout is per read; wait_for bounds the whole answer.
+                    resp = await asyncio.wait_for(client.chat.completions.create(**request),
+                                                  c["timeout"])
+                    answer = llm_io.completion_answer(resp)
+                except asyncio.TimeoutError:
+                    last = f"no whole answer within timeout={c['timeout']} s"
+                    continue
                 except openai.APIStatusError as e:
                     if e.status_code != 429 and e.status_code < 500:   # the request itself is wrong
                         raise _TransportFailure(f"HTTP {e.status_code}: {e}") from e
                     last = f"HTTP {e.status_code}"
+                    wait = llm_io.retry_after(e.response, c["max_retry_after_s"])
                     continue
                 except openai.APIError as e:     # timeout, connection, unreadable response
                     last = f"{type(e).__name__}: {e}"
+                    continue
+                except llm_io.MALFORMED as e:
+                    # A 200 whose body is not a chat completion (not JSON, no choices, ...).
+                    stats.malformed_answers += 1
+                    last = f"malformed answer: {type(e).__name__}: {e}"
                     continue
                 finally:
                     dt = time.perf_counter() - t0
                     stats.latency_s_total += dt
                     stats.latency_s_max = max(stats.latency_s_max, dt)
-            usage = resp.usage
+            usage = getattr(resp, "usage", None)
             if usage is not None:
-                stats.tokens_in += usage.prompt_tokens or 0
-                stats.tokens_out += usage.completion_tokens or 0
-                stats.cost_usd += ((usage.prompt_tokens or 0) * c["price_in_per_1m"] +
-                                   (usage.completion_tokens or 0) * c["price_out_per_1m"]) / 1e6
-            if not resp.choices:
-                last = "answer without choices"
-                continue
-            choice = resp.choices[0]
-            answer = {"content": choice.message.content or "", "finish_reason": choice.finish_reason}
+                p_in = llm_io.token_count(usage, "prompt_tokens")
+                p_out = llm_io.token_count(usage, "completion_tokens")
+                stats.tokens_in += p_in
+                stats.tokens_out += p_out
+                stats.cost_usd += (p_in * c["price_in_per_1m"] + p_out * c["price_out_per_1m"]) / 1e6
             self.cache.put(key, answer)
             return answer
         raise _TransportFailure(f"no answer after {c['max_retries'] + 1} tries; last: {last}")

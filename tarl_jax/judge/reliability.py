@@ -66,8 +66,13 @@ def cohen_kappa(a: Sequence[int], b: Sequence[int], labels=(-1, 0, 1)) -> float 
 
 
 def judge_agreement(ja: Sequence[Judgement | None], jb: Sequence[Judgement | None]) -> dict:
-    """Agreement of two judges on the same trajectories (pairs with a dropped side are skipped)."""
-    pairs = [(a, b) for a, b in zip(ja, jb, strict=True) if a is not None and b is not None]
+    """Agreement of two judges on the same trajectories. Pairs where either side was dropped
+    or fell back (a fallback is the rule judge's verdict: against the rule judge it would read
+    as perfect agreement) are skipped and counted."""
+    def own(j):
+        return j is not None and "fallback_from" not in j.meta
+
+    pairs = [(a, b) for a, b in zip(ja, jb, strict=True) if own(a) and own(b)]
     for a, b in pairs:
         if len(a.scores) != len(b.scores):
             raise ValueError(f"judges scored {len(a.scores)} vs {len(b.scores)} turns of one trajectory")
@@ -246,6 +251,8 @@ def format_report(report: dict) -> str:
                 f"{a}={_fmt(b)}" for a, b in e["self_consistency"].items()))
     for pair, a in report["agreement"].items():
         out += [f"\n== {pair}",
+                f"  {a['trajectories']} trajectories with both judges' own verdicts "
+                f"({a['skipped']} skipped: dropped or fallen back)",
                 f"  turns {a['turns']}: exact {_fmt(a['turn_exact_agreement'])}, "
                 f"kappa {_fmt(a['turn_kappa'])}; -1 presence {_fmt(a['neg_presence_agreement'])}, "
                 f"same -1 turn when both {_fmt(a['neg_same_turn_when_both'])}",

@@ -10,16 +10,25 @@ whole and is what `restore` finds.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
 import os
 import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+log = logging.getLogger("tarl_jax")
 
 
 # A trainer workdir's layout: rotating train-state checkpoints and the KL reference policy.
 STATES, REFERENCE = "checkpoints", "reference"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message says which step, where and why."""
 
 
 class Checkpointer:
@@ -36,6 +45,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, max_to_keep: int = 3, save_every: int = 1):
         self.directory = os.path.abspath(directory)
+        self._in_flight, self._failed = None, False
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
@@ -47,21 +57,114 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+        """Saves (asynchronously) when the interval or `force` says so, with the checksums of
+        every array in the metadata: restore verifies them."""
+        self.check()
+        if not (force or self.manager.should_save(step)):
+            return False
+        meta = {**meta, CHECKSUMS: checksums(state)}
+        try:   # orbax waits for the previous save first: a failure there is that step's
+            self.manager.wait_until_finished()
+        except Exception as e:   # noqa: BLE001
+            raise self._write_error(e) from e
+        self._in_flight = step
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+        except Exception as e:   # noqa: BLE001
+            raise self._write_error(e) from e
+
+    def check(self) -> None:
+        """Raises CheckpointWriteError if a background save failed (e.g. the disk is full):
+        the trainer calls save every step, so a run stops within a step of the failure."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:   # noqa: BLE001 -- orbax re-raises whatever the writer hit
+            raise self._write_error(e) from e
+
+    def _write_error(self, e: Exception) -> "CheckpointWriteError":
+        self._failed = True
+        where = f"step {self._in_flight} to {self.directory}"
+        text = f"{type(e).__name__}: {e}"
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in text:
+            return CheckpointWriteError(f"no space left on device while saving {where} "
+                                        "(the previous checkpoint is intact; free space and "
+                                        "rerun the same command to resume)")
+        return CheckpointWriteError(f"saving {where} failed: {text.splitlines()[0][:300]}")
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restore onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        """Restore onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding).
+
+        step None: the newest checkpoint that reads back whole and matches its checksums; one
+        that does not (flipped bits, a truncated file, garbage metadata) is logged, moved aside
+        to `<step>.corrupt` and the next older one is tried."""
+        if step is not None:
+            return self._verified(abstract_state, step)
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self._verified(abstract_state, step)
+            except Exception as e:   # noqa: BLE001 -- any way a checkpoint can be unreadable
+                bad = pathlib.Path(self.directory) / str(step)
+                log.error("checkpoint %s is corrupt (%s: %s); moved to %s.corrupt, trying an "
+                          "older one", bad, type(e).__name__, str(e).splitlines()[0][:300], bad)
+                if jax.process_index() == 0:
+                    os.replace(bad, f"{bad}.corrupt")
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+                    multihost_utils.sync_global_devices(f"corrupt checkpoint {step} moved")
+                self.manager.reload()
+        raise FileNotFoundError(f"no readable checkpoint in {self.directory}")
+
+    def _verified(self, abstract_state: Any, step: int) -> tuple[Any, dict]:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
+        state, meta = out["state"], out["meta"]
+        want = meta.pop(CHECKSUMS, None)
+        if want is not None:
+            got = checksums(state)
+            bad = sorted(k for k in want if got.get(k) != want[k])
+            if bad or set(got) != set(want):
+                raise ValueError(f"{len(bad)} arrays differ from their checksums at save "
+                                 f"(first: {bad[:3]})")
+        return state, meta
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the save in flight; a failure there raises CheckpointWriteError (once: a
+        run already stopping for it closes quietly)."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+            self.manager.close()
+        except Exception as e:   # noqa: BLE001
+            if not self._failed:
+                raise self._write_error(e) from e
+
+
+CHECKSUMS = "checksums"
+# Odd multiplier of the position weights (Knuth's): a swap of two words changes the sum too.
+_GOLDEN = 2654435761
+
+
+@jax.jit
+def _array_checksums(tree):
+    def one(x):
+        if x.dtype == jnp.bool_:
+            words = x.astype(jnp.uint32)
+        else:   # 8-byte types become pairs of uint32 words
+            width = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
+            words = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+        index = jnp.arange(words.size, dtype=jnp.uint32).reshape(words.shape)
+        # uint32 sums wrap: exact, and the same however the array is sharded or reduced.
+        return jnp.stack([jnp.sum(words), jnp.sum(words * (index * jnp.uint32(_GOLDEN) + 1))])
+    return jax.tree.map(one, tree)
+
+
+def checksums(state: Any) -> dict[str, list[int]]:
+    """Two order-independent uint32 checksums of every array's bits (a plain and a
+    position-weighted sum), by leaf path: what a checkpoint's restore must read back."""
+    sums = jax.device_get(_array_checksums(state))
+    return {_leaf_name(path): [int(v) for v in leaf]
+            for path, leaf in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
 def abstract_like(state: Any) -> Any:

@@ -217,12 +217,19 @@ def train_step(state: dict, batch: dict, rng: jax.Array, *, model_cfg, cfg: Step
         metrics = {k: v if k == "tokens" else v / m for k, v in metrics.items()}
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    # A non-finite loss, gradient or result is never applied: params and optimizer state stay
+    # as they were (metrics["nonfinite"] = 1; the trainer stops after rl.max_nonfinite in a row).
+    grad_norm = optax.global_norm(grads)
+    apply = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+             & jnp.isfinite(optax.global_norm(params)))
+    metrics["nonfinite"] = 1.0 - apply.astype(jnp.float32)
     if cfg.skip_no_signal and not cfg.ppo:
         signal = jnp.any((batch["advantages"] != 0) & batch["loss_mask"].astype(bool))
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(signal, new, old),
-                                         (params, opt_state), (state["params"], state["opt_state"]))
         metrics["skipped"] = 1.0 - signal.astype(jnp.float32)
-    metrics["grad_norm"] = optax.global_norm(grads)
+        apply = apply & signal
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old),
+                                     (params, opt_state), (state["params"], state["opt_state"]))
+    metrics["grad_norm"] = grad_norm
     if "audio" in grads:
         metrics["grad_norm/audio"] = optax.global_norm(grads["audio"])
     metrics["param_norm"] = optax.global_norm(params)

@@ -4,21 +4,23 @@
 simulator keeps only what a customer would see: the agent's text replies. A reply containing
 ###STOP### ends the episode.
 
-- `LLMUser`: any OpenAI-compatible chat endpoint, prompted like tau-bench's simulator. Timeouts,
-  connection failures, 429 and 5xx are retried with backoff; when retries run out it raises
+- `LLMUser`: any OpenAI-compatible chat endpoint, prompted like tau-bench's simulator. Timeouts
+  (of the whole reply), connection failures, 429 (after its Retry-After) and 5xx, empty and
+  malformed answers are retried with backoff; when retries run out it raises
   `UserError` and the episode is kept with termination "user_error".
 - `OfflineUser`: deterministic, answers from the task's gold actions (the embedded default).
 - `ReplayUser`: serves replies recorded in earlier episodes, keyed by the dialogue so far.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
 import re
-import time
 from typing import Callable
 
+from tarl_jax import llm_io
 from tarl_jax.sandbox import domains
 from tarl_jax.sandbox.episode import STOP, UserError
 from tarl_jax.sandbox.reward import outputs_found
@@ -64,19 +66,12 @@ class LLMUserConfig:
     timeout: float = 60.0
     max_retries: int = 3      # retries after the first attempt
     backoff: float = 1.0      # seconds before the first retry, doubled each time
-
-
-def make_client(cfg: LLMUserConfig):
-    import openai  # imported on use: it takes seconds, and offline runs never need it
-    # Retries are ours (they also cover empty answers); the client must not retry underneath.
-    return openai.OpenAI(base_url=cfg.base_url, api_key=cfg.api_key, timeout=cfg.timeout,
-                         max_retries=0)
+    max_retry_after_s: float = 60.0   # a 429/503's Retry-After is honoured up to this
 
 
 class LLMUser:
-    def __init__(self, instruction: str, cfg: LLMUserConfig, client=None):
+    def __init__(self, instruction: str, cfg: LLMUserConfig):
         self.cfg = cfg
-        self.client = client or make_client(cfg)
         self.system = SYSTEM_PROMPT.format(instruction=instruction)
 
     def chat(self, messages: list[dict]) -> list[dict]:
@@ -87,30 +82,43 @@ class LLMUser:
         return chat
 
     def reply(self, messages: list[dict]) -> str:
-        import openai
-        retryable = (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
-                     openai.InternalServerError, _EmptyReply)
-        chat, errors = self.chat(messages), []
-        for attempt in range(self.cfg.max_retries + 1):
-            if attempt:
-                time.sleep(self.cfg.backoff * 2 ** (attempt - 1))
-            try:
-                res = self.client.chat.completions.create(
-                    model=self.cfg.model, messages=chat, temperature=self.cfg.temperature)
-                text = (res.choices[0].message.content or "").strip() if res.choices else ""
-                if not text:
-                    raise _EmptyReply("empty reply")
-                return STOP if STOP in text else text
-            except retryable as e:
-                errors.append(f"{type(e).__name__}: {e}")
-            except openai.APIStatusError as e:  # other 4xx: a configuration error, no retry
-                raise UserError(f"user simulator endpoint refused the request: {e}") from e
+        # Async under the hood (episodes call this from rollout threads, none inside an event
+        # loop): wait_for bounds the whole reply, where the client's timeout is per read and a
+        # reply dripped a byte at a time would never end.
+        return asyncio.run(self._reply(self.chat(messages)))
+
+    async def _reply(self, chat: list[dict]) -> str:
+        import openai  # imported on use: it takes seconds, and offline runs never need it
+        cfg, errors, wait = self.cfg, [], 0.0
+        # Retries are ours (they also cover empty and malformed answers), not the client's.
+        async with openai.AsyncOpenAI(base_url=cfg.base_url, api_key=cfg.api_key,
+                                      timeout=cfg.timeout, max_retries=0) as client:
+            for attempt in range(cfg.max_retries + 1):
+                if attempt:
+                    await asyncio.sleep(max(wait, cfg.backoff * 2 ** (attempt - 1)))
+                wait = 0.0
+                try:
+                    res = await asyncio.wait_for(client.chat.completions.create(
+                        model=cfg.model, messages=chat, temperature=cfg.temperature), cfg.timeout)
+                    text = llm_io.completion_answer(res)["content"].strip()
+                    if not text:
+                        raise ValueError("empty reply")
+                    return STOP if STOP in text else text
+                except asyncio.TimeoutError:
+                    errors.append(f"no whole reply within timeout={cfg.timeout} s")
+                except openai.APIStatusError as e:
+                    if e.status_code != 429 and e.status_code < 500:   # a configuration error
+                        raise UserError(f"user simulator endpoint refused the request: {e}") from e
+                    errors.append(f"{type(e).__name__}: {e}")
+                    wait = llm_io.retry_after(e.response, cfg.max_retry_after_s)
+                except openai.APIError as e:      # timeout, connection
+                    errors.append(f"{type(e).__name__}: {e}")
+                except llm_io.MALFORMED as e:     # a 200 that is not a chat completion
+                    errors.append(f"malformed reply: {e}")
         raise UserError(f"user simulator failed after {len(errors)} attempts: "
                         + " | ".join(errors))
 
 
-class _EmptyReply(Exception):
-    pass
 
 
 # ----------------------------------------------------------------------------- offline user
@@ -257,8 +265,7 @@ def user_factory(kind: str = "offline", replies: dict[str, str] | None = None,
         return lambda task, env: OfflineUser(task, getattr(env, "world", None))
     if kind == "llm":
         cfg = LLMUserConfig(**llm)
-        client = make_client(cfg)  # one connection pool for all episodes
-        return lambda task, env: LLMUser(task.instruction, cfg, client)
+        return lambda task, env: LLMUser(task.instruction, cfg)
     if kind == "replay":
         return lambda task, env: ReplayUser(replies or {})
     raise ValueError(f"unknown user kind {kind!r} (known: offline, llm, replay)")
