@@ -67,25 +67,35 @@ def tiny_tokenizer_dir() -> pathlib.Path:
 
 # ----------------------------------------------------------------------------- rendering to text
 
-def _content_text(message: dict, index: int) -> str:
+def _content_pieces(message: dict, index: int) -> list[tuple[str, bool]]:
+    """(text, plain) pieces of a message's content: plain text as written (whatever tokens it
+    spells) and, for audio parts, the placeholder tokens the audio encoder fills."""
     content = message.get("content")
     if content is None:
-        return ""
+        return []
     if isinstance(content, str):
-        return content
+        return [(content, True)]
     pieces = []
     for part in content:
         kind = part.get("type")
         if kind == "text":
-            pieces.append(part["text"])
+            pieces.append((part["text"], True))
         elif kind == "audio":
             if not isinstance(part.get("num_tokens"), int):
                 raise ValueError(f"message {index}: an audio part needs an integer 'num_tokens' "
                                  "(25 placeholders per second of 16 kHz audio)")
-            pieces.append(AUDIO_BOS + AUDIO * part["num_tokens"] + AUDIO_EOS)
+            pieces.append((AUDIO_BOS + AUDIO * part["num_tokens"] + AUDIO_EOS, False))
         else:
             raise ValueError(f"message {index}: unsupported content part type {kind!r}")
-    return "".join(pieces)
+    return pieces
+
+
+def _content_text(message: dict, index: int) -> str:
+    return "".join(text for text, _ in _content_pieces(message, index))
+
+
+def _content_segs(message: dict, index: int) -> list[tuple[str, bool, bool]]:
+    return [(text, False, plain) for text, plain in _content_pieces(message, index)]
 
 
 def _last_query_index(messages: list[dict]) -> int:
@@ -128,28 +138,37 @@ def _assistant_body(message: dict, index: int, with_think: bool | None) -> str:
 
 def _segments(messages: list[dict], tools: list[dict] | None = None, *,
               add_generation_prompt: bool = False, enable_thinking: bool = True,
-              continuation: bool = False) -> list[tuple[str, bool]]:
-    """The rendering as (text, produced_by_assistant) pieces.
+              continuation: bool = False) -> list[tuple[str, bool, bool]]:
+    """The rendering as (text, produced_by_assistant, plain) pieces. Plain pieces are what
+    users, tools and system prompts wrote: text in them that spells a special token
+    (`<|im_end|>\n<|im_start|>system`) is text, never the token (ChatTokenizer encodes it so).
 
     continuation: `messages` follow an assistant turn already in the stream (no system/tools
     header; a leading tool message opens a new user turn).
     """
-    segs: list[tuple[str, bool]] = []
+    segs: list[tuple[str, bool, bool]] = []
     start = 0
     if not continuation:
         system = messages[0] if messages and messages[0]["role"] == "system" else None
+        segs.append((f"{IM_START}system\n", False, False))
+        if system:
+            segs += _content_segs(system, 0)
         if tools:
-            head = _content_text(system, 0) + "\n\n" if system else ""
             schemas = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools)
-            segs.append((f"{IM_START}system\n{head}{_TOOLS_HEAD}{schemas}{_TOOLS_TAIL}{IM_END}\n", False))
-        elif system:
-            segs.append((f"{IM_START}system\n{_content_text(system, 0)}{IM_END}\n", False))
+            segs.append((("\n\n" if system else "") + _TOOLS_HEAD, False, False))
+            segs.append((schemas, False, True))
+            segs.append((_TOOLS_TAIL, False, False))
+        if system or tools:
+            segs.append((f"{IM_END}\n", False, False))
+        else:
+            segs.pop()
         start = 1 if system else 0
     last_query = _last_query_index(messages)
     for i in range(start, len(messages)):
         message, role = messages[i], messages[i]["role"]
         if role in ("user", "system"):
-            segs.append((f"{IM_START}{role}\n{_content_text(message, i)}{IM_END}\n", False))
+            segs += [(f"{IM_START}{role}\n", False, False), *_content_segs(message, i),
+                     (f"{IM_END}\n", False, False)]
         elif role == "assistant":
             if i <= last_query:
                 with_think = False  # history before the last query: reasoning dropped
@@ -157,27 +176,28 @@ def _segments(messages: list[dict], tools: list[dict] | None = None, *,
                 with_think = True   # the final message keeps its (possibly empty) block
             else:
                 with_think = None   # kept only where there is reasoning
-            segs += [(f"{IM_START}assistant\n", False),
-                     (_assistant_body(message, i, with_think) + IM_END, True), ("\n", False)]
+            segs += [(f"{IM_START}assistant\n", False, False),
+                     (_assistant_body(message, i, with_think) + IM_END, True, False),
+                     ("\n", False, False)]
         elif role == "tool":
             # Consecutive tool results share one user turn.
             prev = messages[i - 1]["role"] if i else ("assistant" if continuation else None)
             nxt = messages[i + 1]["role"] if i + 1 < len(messages) else None
-            text = f"\n{TOOL_RESPONSE}\n{_content_text(message, i)}\n{TOOL_RESPONSE_END}"
             opening = "" if prev == "tool" else f"{IM_START}user"
             closing = "" if nxt == "tool" else f"{IM_END}\n"
-            segs.append((opening + text + closing, False))
+            segs += [(f"{opening}\n{TOOL_RESPONSE}\n", False, False), *_content_segs(message, i),
+                     (f"\n{TOOL_RESPONSE_END}{closing}", False, False)]
         else:
             raise ValueError(f"message {i}: unknown role {role!r} (system, user, assistant, tool)")
     if add_generation_prompt:
-        segs.append((f"{IM_START}assistant\n" + ("" if enable_thinking else _EMPTY_THINK), False))
+        segs.append((f"{IM_START}assistant\n" + ("" if enable_thinking else _EMPTY_THINK), False, False))
     return segs
 
 
 def render_text(messages: list[dict], tools: list[dict] | None = None, *,
                 add_generation_prompt: bool = False, enable_thinking: bool = True) -> str:
     """The conversation as Qwen3 chat-template text."""
-    return "".join(s for s, _ in _segments(messages, tools, add_generation_prompt=add_generation_prompt,
+    return "".join(s for s, *_ in _segments(messages, tools, add_generation_prompt=add_generation_prompt,
                                           enable_thinking=enable_thinking))
 
 
@@ -271,6 +291,12 @@ class ChatTokenizer:
         self.stop_ids = tuple(dict.fromkeys([self.eos_id, self._required(ENDOFTEXT)]))
         self.audio_id, self.audio_bos_id, self.audio_eos_id = (
             self._tok.token_to_id(t) for t in (AUDIO, AUDIO_BOS, AUDIO_EOS))
+        # Special tokens (turn boundaries, audio placeholders, <|endoftext|>): in plain text
+        # they are text. The non-special added ones (<tool_call>, <tool_response>, <think>) keep
+        # their ids there, as in Qwen's template (a user may hand-write tool responses).
+        special = sorted((t.content for t in self._tok.get_added_tokens_decoder().values()
+                          if t.special), key=len, reverse=True)
+        self._added = re.compile("(" + "|".join(map(re.escape, special)) + ")")
 
     def _required(self, token: str) -> int:
         token_id = self._tok.token_to_id(token)
@@ -298,9 +324,32 @@ class ChatTokenizer:
         """Exact text of the ids, special tokens included (what `parse` needs)."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
-    def _encode_segments(self, segs: list[tuple[str, bool]]) -> Rendered:
-        # Encode the whole text at once, as transformers does, then mark tokens by where they
-        # start: a token merged across a boundary belongs to the segment it starts in.
+    def _encode_segments(self, segs: list[tuple[str, bool, bool]]) -> Rendered:
+        # Normally the whole text is encoded at once, as transformers does (a token merged
+        # across a boundary belongs to the segment it starts in). A plain piece that spells a
+        # special token (a user typing `<|im_end|>`) is cut there instead and its pieces encoded
+        # apart, the token's first character alone, so no id of it is the token's.
+        guarded = [(t, produced) for t, produced, plain in segs if not plain or not self._added.search(t)]
+        if len(guarded) == len(segs):
+            return self._encode_run(guarded)
+        ids, mask, run = [], [], []
+        for text, produced, plain in segs:
+            if not plain or not self._added.search(text):
+                run.append((text, produced))
+                continue
+            pieces = []
+            for k, part in enumerate(self._added.split(text)):
+                pieces += [part] if k % 2 == 0 else [part[0], part[1:]]
+            for piece in [p for p in pieces if p]:
+                run.append((piece, produced))
+                out = self._encode_run(run)
+                ids += out.ids
+                mask += out.assistant_mask
+                run = []
+        out = self._encode_run(run)
+        return Rendered(ids + out.ids, mask + out.assistant_mask)
+
+    def _encode_run(self, segs: list[tuple[str, bool]]) -> Rendered:
         text = "".join(s for s, _ in segs)
         self._check_audio(text)
         encoding = self._tok.encode(text, add_special_tokens=False)
@@ -337,7 +386,7 @@ class ChatTokenizer:
             if m["role"] == "assistant":
                 raise ValueError(f"message {i}: render_append takes env messages; assistant turns "
                                  "are the generated ids themselves")
-        segs = [((IM_END if close_turn else "") + "\n", False)]
+        segs = [((IM_END if close_turn else "") + "\n", False, False)]
         segs += _segments(messages, add_generation_prompt=True, enable_thinking=enable_thinking,
                           continuation=True)
         return self._encode_segments(segs).ids
