@@ -255,19 +255,20 @@ def test_fuzz_hostile_calls_change_nothing(real, domain, flavor):
     world = real[domain, flavor]
     env = Env(world)
 
-    n_calls = 0
+    sizes = []
 
     @settings(max_examples=100, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(st.lists(_hostile_calls(world), min_size=5, max_size=10))
     def check(calls):
-        nonlocal n_calls
         for call in calls:
             out = env.call(*call)
             assert isinstance(out, str) and out.startswith(("Error", "Unknown action")), call
             assert env.db.dirty() == {}, call
-        n_calls += len(calls)
+        sizes.append(len(calls))
 
     check()
-    assert n_calls > 600
+    # The whole budget ran: 100 examples of 5-10 calls (how many of each varies between
+    # environments: 583 to 756 calls were seen; a bound on the sum was flaky).
+    assert len(sizes) >= 100 and sum(sizes) >= 500, (len(sizes), sum(sizes))
     assert json.dumps(env.db.export()) == json.dumps(world.fork().export())
