@@ -53,16 +53,29 @@ def test_main_job_writes_everything(uninterrupted):
     assert "pass^1" in out.stdout
 
 
-def test_sigkill_then_resume_reproduces_metrics(uninterrupted, tmp_path):
+def _metrics_has_step_2(workdir):
+    path = workdir / "metrics.jsonl"
+    return path.exists() and '"step": 2,' in path.read_text()
+
+
+# Where the kill lands: after checkpoint 1 is on disk; in step 2, after its rollouts (episodes
+# written, update and checkpoint to come); after step 2's metrics row, around its checkpoint.
+KILL_AT = {"after_checkpoint_1": lambda w: (w / "checkpoints" / "1").is_dir(),
+           "mid_step_2": lambda w: (w / "episodes" / "step000002_host0.jsonl").exists(),
+           "after_metrics_2": _metrics_has_step_2}
+
+
+@pytest.mark.parametrize("kill_at", sorted(KILL_AT))
+def test_sigkill_then_resume_reproduces_metrics(uninterrupted, tmp_path, kill_at):
     ref = metrics(uninterrupted[0])
     workdir = tmp_path / "run_b"
     proc = subprocess.Popen(main_cmd(workdir), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    ckpt = workdir / "checkpoints" / "1"
+    ready = KILL_AT[kill_at]
     deadline = time.time() + 600
-    while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert ckpt.is_dir(), "no checkpoint of step 1 appeared"
+    while not ready(workdir) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert ready(workdir), f"{kill_at}: the kill point never came"
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
