@@ -33,6 +33,7 @@ FAULTS = {
     "choices_str": "a 200 whose choices is a string",
     "content_obj": "a 200 whose message content is an object",
 }
+# and "huge": a 200 whose content is 4 MB of text (not a retry: an invalid verdict, a broken reply)
 MALFORMED = ("notjson", "nochoices", "choices_str", "content_obj")
 
 
@@ -80,7 +81,7 @@ class FaultyEndpoint:
                     return self.send(200, b"<html>gateway says hello</html>")
                 if step == "nochoices":
                     return self.send(200, b'{"id": "x", "object": "chat.completion"}')
-                content = fake.content(body)
+                content = "x" * 4_000_000 if step == "huge" else fake.content(body)
                 message = {"role": "assistant", "content": {"text": content}
                            if step == "content_obj" else content}
                 choices = "none" if step == "choices_str" else [
@@ -162,6 +163,14 @@ def test_judge_falls_back_to_rules_when_every_try_fails(fake, tmp_path, fault):
     assert stats["fallbacks"] == 1 and stats["requests"] == 3
 
 
+def test_a_huge_answer_is_an_invalid_verdict_not_a_crash(fake, tmp_path):
+    fake.plan[:] = ["huge"]                      # 4 MB of text where a verdict should be
+    t0 = time.monotonic()
+    (j,), stats = llm.judge_batch([item()], judge_cfg(fake.url, tmp_path))
+    assert j.source == "rule" and "not valid JSON" in j.meta["error"]
+    assert stats["invalid_answers"] == 1 and time.monotonic() - t0 < 10
+
+
 def test_judge_honours_retry_after(fake, tmp_path):
     fake.plan[:] = ["429", "ok"]
     (j,), _ = llm.judge_batch([item()], judge_cfg(fake.url, tmp_path))
@@ -198,6 +207,12 @@ def test_user_simulator_retries_each_fault_then_replies(fake, fault):
     assert len(fake.arrivals) == 2 and time.monotonic() - t0 < 4.0
     if fault == "429":
         assert fake.arrivals[1] - fake.arrivals[0] >= 0.9
+
+
+def test_user_simulator_retries_a_huge_reply(fake):
+    fake.plan[:] = ["huge", "ok"]
+    assert LLMUser("x", user_cfg(fake.url)).reply(DIALOGUE) == "Yes, please go ahead."
+    assert len(fake.arrivals) == 2
 
 
 def test_user_simulator_gives_up_with_a_user_error(fake):

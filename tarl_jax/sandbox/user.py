@@ -67,6 +67,7 @@ class LLMUserConfig:
     max_retries: int = 3      # retries after the first attempt
     backoff: float = 1.0      # seconds before the first retry, doubled each time
     max_retry_after_s: float = 60.0   # a 429/503's Retry-After is honoured up to this
+    max_reply_chars: int = 4000       # a longer "customer line" is a broken answer: retried
 
 
 class LLMUser:
@@ -103,6 +104,9 @@ class LLMUser:
                     text = llm_io.completion_answer(res)["content"].strip()
                     if not text:
                         raise ValueError("empty reply")
+                    if len(text) > cfg.max_reply_chars:
+                        raise ValueError(f"a reply of {len(text)} characters "
+                                         f"(max_reply_chars={cfg.max_reply_chars})")
                     return STOP if STOP in text else text
                 except asyncio.TimeoutError:
                     errors.append(f"no whole reply within timeout={cfg.timeout} s")
