@@ -329,9 +329,8 @@ class ChatTokenizer:
         # across a boundary belongs to the segment it starts in). A plain piece that spells a
         # special token (a user typing `<|im_end|>`) is cut there instead and its pieces encoded
         # apart, the token's first character alone, so no id of it is the token's.
-        guarded = [(t, produced) for t, produced, plain in segs if not plain or not self._added.search(t)]
-        if len(guarded) == len(segs):
-            return self._encode_run(guarded)
+        if not any(plain and self._added.search(t) for t, _, plain in segs):
+            return self._encode_run([(t, produced) for t, produced, _ in segs])
         ids, mask, run = [], [], []
         for text, produced, plain in segs:
             if not plain or not self._added.search(text):

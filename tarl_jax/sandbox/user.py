@@ -123,8 +123,6 @@ class LLMUser:
                         + " | ".join(errors))
 
 
-
-
 # ----------------------------------------------------------------------------- offline user
 
 _ASKS_IDENTITY = re.compile(r"\b(e-?mail|zip|user id|first name|last name|full name|your name|"
