@@ -217,7 +217,7 @@ def test_user_simulator_retries_a_huge_reply(fake):
 
 def test_user_simulator_gives_up_with_a_user_error(fake):
     fake.plan[:] = ["notjson", "drip", "nochoices"]
-    with pytest.raises(UserError, match="after 3 attempts: malformed reply.*whole reply"):
+    with pytest.raises(UserError, match="after 3 attempts: malformed answer.*whole answer"):
         LLMUser("x", user_cfg(fake.url)).reply(DIALOGUE)
 
 

@@ -338,51 +338,26 @@ class LLMJudge:
         if cached is not None:
             stats.cache_hits += 1
             return cached
-        c, last, wait = self.cfg, None, 0.0
-        for attempt in range(c["max_retries"] + 1):
-            if attempt:
-                stats.transport_retries += 1
-                await asyncio.sleep(max(wait, c["retry_backoff_s"] * 2 ** (attempt - 1)))
-            wait = 0.0
-            async with sem:
-                t0 = time.perf_counter()
-                stats.requests += 1
-                try:
-                    # The client's timeout is per read; wait_for bounds the whole answer.
-                    resp = await asyncio.wait_for(client.chat.completions.create(**request),
-                                                  c["timeout"])
-                    answer = llm_io.completion_answer(resp)
-                except asyncio.TimeoutError:
-                    last = f"no whole answer within timeout={c['timeout']} s"
-                    continue
-                except openai.APIStatusError as e:
-                    if e.status_code != 429 and e.status_code < 500:   # the request itself is wrong
-                        raise _TransportFailure(f"HTTP {e.status_code}: {e}") from e
-                    last = f"HTTP {e.status_code}"
-                    wait = llm_io.retry_after(e.response, c["max_retry_after_s"])
-                    continue
-                except openai.APIError as e:     # timeout, connection, unreadable response
-                    last = f"{type(e).__name__}: {e}"
-                    continue
-                except llm_io.MALFORMED as e:
-                    # A 200 whose body is not a chat completion (not JSON, no choices, ...).
-                    stats.malformed_answers += 1
-                    last = f"malformed answer: {type(e).__name__}: {e}"
-                    continue
-                finally:
-                    dt = time.perf_counter() - t0
-                    stats.latency_s_total += dt
-                    stats.latency_s_max = max(stats.latency_s_max, dt)
-            usage = getattr(resp, "usage", None)
-            if usage is not None:
-                p_in = llm_io.token_count(usage, "prompt_tokens")
-                p_out = llm_io.token_count(usage, "completion_tokens")
-                stats.tokens_in += p_in
-                stats.tokens_out += p_out
-                stats.cost_usd += (p_in * c["price_in_per_1m"] + p_out * c["price_out_per_1m"]) / 1e6
-            self.cache.put(key, answer)
-            return answer
-        raise _TransportFailure(f"no answer after {c['max_retries'] + 1} tries; last: {last}")
+        c = self.cfg
+        try:
+            answer, resp = await llm_io.complete(
+                lambda: client.chat.completions.create(**request), max_retries=c["max_retries"],
+                backoff_s=c["retry_backoff_s"], timeout_s=c["timeout"],
+                max_retry_after_s=c["max_retry_after_s"], slot=lambda: sem, stats=stats)
+        except llm_io.Refused as e:
+            raise _TransportFailure(str(e)) from e
+        except llm_io.GaveUp as e:
+            raise _TransportFailure(f"no answer after {len(e.errors)} tries; last: "
+                                    f"{e.errors[-1]}") from e
+        usage = getattr(resp, "usage", None)
+        if usage is not None:
+            p_in = llm_io.token_count(usage, "prompt_tokens")
+            p_out = llm_io.token_count(usage, "completion_tokens")
+            stats.tokens_in += p_in
+            stats.tokens_out += p_out
+            stats.cost_usd += (p_in * c["price_in_per_1m"] + p_out * c["price_out_per_1m"]) / 1e6
+        self.cache.put(key, answer)
+        return answer
 
 
 def judge_batch(items: Sequence[tuple], cfg: Any = None, sample: int = 0):

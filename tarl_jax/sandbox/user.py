@@ -90,37 +90,30 @@ class LLMUser:
 
     async def _reply(self, chat: list[dict]) -> str:
         import openai  # imported on use: it takes seconds, and offline runs never need it
-        cfg, errors, wait = self.cfg, [], 0.0
-        # Retries are ours (they also cover empty and malformed answers), not the client's.
+        cfg = self.cfg
+
+        def accept(answer):
+            text = answer["content"].strip()
+            if not text:
+                raise ValueError("empty reply")
+            if len(text) > cfg.max_reply_chars:
+                raise ValueError(f"a reply of {len(text)} characters "
+                                 f"(max_reply_chars={cfg.max_reply_chars})")
+
         async with openai.AsyncOpenAI(base_url=cfg.base_url, api_key=cfg.api_key,
                                       timeout=cfg.timeout, max_retries=0) as client:
-            for attempt in range(cfg.max_retries + 1):
-                if attempt:
-                    await asyncio.sleep(max(wait, cfg.backoff * 2 ** (attempt - 1)))
-                wait = 0.0
-                try:
-                    res = await asyncio.wait_for(client.chat.completions.create(
-                        model=cfg.model, messages=chat, temperature=cfg.temperature), cfg.timeout)
-                    text = llm_io.completion_answer(res)["content"].strip()
-                    if not text:
-                        raise ValueError("empty reply")
-                    if len(text) > cfg.max_reply_chars:
-                        raise ValueError(f"a reply of {len(text)} characters "
-                                         f"(max_reply_chars={cfg.max_reply_chars})")
-                    return STOP if STOP in text else text
-                except asyncio.TimeoutError:
-                    errors.append(f"no whole reply within timeout={cfg.timeout} s")
-                except openai.APIStatusError as e:
-                    if e.status_code != 429 and e.status_code < 500:   # a configuration error
-                        raise UserError(f"user simulator endpoint refused the request: {e}") from e
-                    errors.append(f"{type(e).__name__}: {e}")
-                    wait = llm_io.retry_after(e.response, cfg.max_retry_after_s)
-                except openai.APIError as e:      # timeout, connection
-                    errors.append(f"{type(e).__name__}: {e}")
-                except llm_io.MALFORMED as e:     # a 200 that is not a chat completion
-                    errors.append(f"malformed reply: {e}")
-        raise UserError(f"user simulator failed after {len(errors)} attempts: "
-                        + " | ".join(errors))
+            try:
+                answer, _ = await llm_io.complete(
+                    lambda: client.chat.completions.create(
+                        model=cfg.model, messages=chat, temperature=cfg.temperature),
+                    max_retries=cfg.max_retries, backoff_s=cfg.backoff, timeout_s=cfg.timeout,
+                    max_retry_after_s=cfg.max_retry_after_s, accept=accept)
+            except llm_io.Refused as e:   # a configuration error
+                raise UserError(f"user simulator endpoint refused the request: {e}") from e
+            except llm_io.GaveUp as e:
+                raise UserError(f"user simulator failed after {e}") from e
+        text = answer["content"].strip()
+        return STOP if STOP in text else text
 
 
 # ----------------------------------------------------------------------------- offline user
