@@ -22,7 +22,9 @@ import threading
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 
+from tarl_jax import engine as engine_lib
 from tarl_jax.models.tokenizer import ChatTokenizer
 from tarl_jax.sampler import Sampler
 from tarl_jax.sandbox.episode import AgentReply
@@ -76,6 +78,9 @@ TOOL_VIEWS = {"full": lambda tools: tools, "compact": compact_tools, "minimal": 
 
 
 class LockstepEngine:
+    """Rounds over `engine.Rows` (see engine.py): episodes in threads hand over their turns
+    (`generate`, blocking) and leave (`finish`); `serve` runs the rounds in the caller's thread."""
+
     def __init__(self, sampler: Sampler, tokenizer: ChatTokenizer, slots: int, cfg: DecodeConfig,
                  rng: jax.Array, episode_ids: Sequence[int] | None = None, speech=None):
         self.sampler, self.tok, self.cfg, self.speech = sampler, tokenizer, cfg, speech
@@ -121,7 +126,7 @@ class LockstepEngine:
             raise
 
     def _serve(self):
-        state = None
+        rows = engine_lib.Rows(self.sampler, self.slots, empty=False)
         cache_len = self.sampler.cache_len
         while True:
             with self.cond:
@@ -134,7 +139,7 @@ class LockstepEngine:
             refs: list[list[str]] = [[] for _ in range(self.slots)]
             max_new = [0] * self.slots
             errors = {}
-            lengths = [0] * self.slots if state is None else jax.device_get(state.length).tolist()
+            lengths = rows.lengths()
             for slot, (ids, heard) in requests.items():
                 room = cache_len - lengths[slot] - len(ids)
                 if room < 2:  # need the prompt plus at least one sampled token and its slot
@@ -144,19 +149,13 @@ class LockstepEngine:
                     continue
                 new[slot], max_new[slot] = ids, min(self.cfg.max_turn_tokens, room - 1)
                 refs[slot] = heard
-            audio = None
-            if any(refs):
-                # One encoder call for every utterance of the round (cached ones are free).
-                audio = [self.speech.stream(r) for r in refs]
-            if state is None:
-                # First round: every row starts; rows without a prompt get one pad token.
-                state = self.sampler.start([ids or [self.tok.pad_id] for ids in new], audio)
-            else:
-                state = self.sampler.append(state, new, audio)
-            state, outs = self.sampler.decode(
-                state, max_new_tokens=max_new, temperature=self.cfg.temperature,
-                top_p=self.cfg.top_p, top_k=self.cfg.top_k, stop_tokens=self.tok.stop_ids,
-                seed=jax.vmap(jax.random.fold_in, (0, None))(self.episode_keys, self.rounds))
+            # One encoder call for every utterance of the round (cached ones are free).
+            audio = [self.speech.stream(r) for r in refs] if any(refs) else None
+            rows.prefill(new, audio, pad=self.tok.pad_id)
+            outs = rows.decode(
+                engine_lib.row_keys(self.episode_keys, np.full(self.slots, self.rounds, np.uint32)),
+                max_new_tokens=max_new, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                top_k=self.cfg.top_k, stop_tokens=self.tok.stop_ids)
             self.rounds += 1
             with self.cond:
                 for slot in requests:

@@ -3,6 +3,7 @@
     python -m tarl_jax.serve --preset tiny | --hf DIR | --gguf FILE | --orbax WORKDIR [--arch tiny|DIR]
         [--tokenizer tiny|qwen3|DIR] [--host 127.0.0.1] [--port 8000] [--model-name NAME]
         [--batch 8] [--cache-len 4096] [--chunk 16] [--refill-wait-ms 10] [--max-tokens N]
+        [--api-key KEY] [--max-body-mb 8] [--idle-timeout-s 30]
 
 Endpoints: GET /v1/models, GET /v1/models/NAME, POST /v1/chat/completions (messages, tools,
 temperature, top_p, max_tokens | max_completion_tokens, seed, n=1, stream with
@@ -12,10 +13,12 @@ stream_options.include_usage, chat_template_kwargs.enable_thinking). The prompt 
 request), `<think>` as `reasoning_content`. `response_format` is accepted but not enforced (no
 constrained decoding: a judge must validate what it gets, and ours does); `stop` strings,
 `logprobs` and tool_choice other than "auto" are refused with a 400 rather than ignored.
-Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
+Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}. GET /health answers
+{"status": "ok"} (without the API key). The HTTP layer is a Starlette app on uvicorn
+(`ChatServer`: its limits); the engine below it is a plain object the app calls.
 
-Batching. One worker thread owns the jitted Sampler and a DecodeState of `batch` rows. It decodes
-all busy rows `chunk` tokens at a time; between chunks finished rows are freed and waiting
+Batching. One worker thread owns an `engine.Rows` of `batch` rows over the jitted Sampler. It
+decodes all busy rows `chunk` tokens at a time; between chunks finished rows are freed and waiting
 requests are prefilled into free rows (a row is recycled by setting its length back, to 0 or to
 the prefix it keeps: a query at position p only attends to cache slots <= p, so stale entries
 are invisible). So a request never
@@ -40,22 +43,28 @@ params["policy"] of the latest (or --step) checkpoint is read, with the architec
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
-import http.server
 import json
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as StarletteRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
+from tarl_jax import engine as engine_lib
 from tarl_jax import sampler as sampler_lib
 from tarl_jax.models import qwen
 from tarl_jax.models import tokenizer as tokenizer_lib
@@ -80,8 +89,8 @@ class Request:
     cached: int = 0           # prompt tokens whose keys/values a previous request left in the row
 
 
-# A row's key for its next chunk: depends on the request's seed and progress only.
-_chunk_keys = jax.jit(jax.vmap(lambda seed, done: jax.random.fold_in(jax.random.key(seed), done)))
+
+_seed_keys = jax.jit(jax.vmap(jax.random.key))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -91,7 +100,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Engine:
-    """Continuous batching over one Sampler, driven by one worker thread.
+    """Continuous batching over `engine.Rows` (see engine.py), driven by one worker thread.
 
     `submit` returns a Request whose `events` queue receives ("tokens", [ids]) per chunk, then
     ("done", finish_reason) or ("error", message).
@@ -122,13 +131,9 @@ class Engine:
             if r is not None:
                 r.events.put(("error", "server shutting down"))
 
-    def _fresh_state(self):
-        s = self.sampler
-        return sampler_lib.init_state(s.cfg, self.batch, s.cache_len, s.cache_dtype)
-
     def _run(self):
         rows: list[Request | None] = [None] * self.batch
-        state = self._fresh_state()
+        cache = engine_lib.Rows(self.sampler, self.batch)
         freed = False
         while True:
             new = {}
@@ -155,7 +160,7 @@ class Engine:
                     new[b] = r
             try:
                 busy = sum(r is not None for r in rows) + len(new)
-                state = self._step(state, rows, new)
+                self._step(cache, rows, new)
                 freed = sum(r is not None for r in rows) < busy
             except Exception as e:  # noqa: BLE001 -- fail the batch, keep serving
                 log.exception("engine step failed")
@@ -163,7 +168,7 @@ class Engine:
                     if r is not None:
                         r.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
                     rows[b] = None
-                state = self._fresh_state()
+                cache = engine_lib.Rows(self.sampler, self.batch)
                 self.held = [[] for _ in range(self.batch)]
 
     def _pick_row(self, free: list[int], request: Request) -> int:
@@ -185,29 +190,27 @@ class Engine:
         request.cached, self.last_used[b] = cached[b], self.admitted
         return b
 
-    def _step(self, state, rows, new):
+    def _step(self, cache: engine_lib.Rows, rows, new):
         if new:
-            # Slots at and past a row's length are invisible to its queries and get overwritten.
-            lengths = np.array(state.length)
-            lengths[list(new)] = [new[b].cached for b in new]
-            state = state._replace(length=jnp.asarray(lengths))
-            state = self.sampler.append(state, [new[b].prompt[new[b].cached:] if b in new else []
-                                                for b in range(self.batch)])
+            # Each new request's row is cut back to the prefix it reuses, then takes the rest.
+            cache.prefill([new[b].prompt[new[b].cached:] if b in new else []
+                           for b in range(self.batch)], keep={b: r.cached for b, r in new.items()})
             for b, r in new.items():
                 rows[b] = r
         live = [r or Request([], 0) for r in rows]
-        state, outs = self.sampler.decode(
-            state, max_new_tokens=[min(r.max_tokens - len(r.tokens), self.chunk) for r in live],
+        # A row's key for its next chunk depends on the request's seed and progress only.
+        keys = engine_lib.row_keys(_seed_keys(np.array([r.seed for r in live], np.uint32)),
+                                   np.array([len(r.tokens) for r in live], np.int32))
+        outs = cache.decode(
+            keys, max_new_tokens=[min(r.max_tokens - len(r.tokens), self.chunk) for r in live],
             temperature=[r.temperature for r in live], top_p=[r.top_p for r in live],
-            stop_tokens=self.stop_ids,
-            seed=_chunk_keys(np.array([r.seed for r in live], np.uint32),
-                             np.array([len(r.tokens) for r in live], np.int32)))
-        lengths = np.asarray(state.length)
+            stop_tokens=self.stop_ids)
+        lengths = cache.lengths()
         for b, (r, out) in enumerate(zip(rows, outs)):
             if r is None:
                 continue
             r.tokens += out.tokens
-            self.held[b] = (r.prompt + r.tokens)[:int(lengths[b])]
+            self.held[b] = (r.prompt + r.tokens)[:lengths[b]]
             r.events.put(("tokens", out.tokens))
             if out.finish_reason == "stop":
                 r.events.put(("done", "stop"))
@@ -216,7 +219,6 @@ class Engine:
             elif not r.cancelled:
                 continue
             rows[b] = None
-        return state
 
 
 # ----------------------------------------------------------------------------- requests
@@ -258,6 +260,8 @@ def _check_messages(messages) -> None:
         if not isinstance(m.get("content"), (str, list, type(None))):
             raise ApiError(400, f"{where}.content must be a string, a list of parts or null",
                            f"{where}.content")
+        if not isinstance(m.get("tool_calls") or [], list):
+            raise ApiError(400, f"{where}.tool_calls must be a list", f"{where}.tool_calls")
         for j, call in enumerate(m.get("tool_calls") or ()):
             fn = call.get("function") if isinstance(call, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
@@ -380,202 +384,270 @@ def usage(request: Request) -> dict:
             "prompt_tokens_details": {"cached_tokens": request.cached}}
 
 
-# ----------------------------------------------------------------------------- HTTP
+# ----------------------------------------------------------------------------- HTTP (ASGI)
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"   # keep-alive: the openai client pools connections
-    # Headers and body go out in two writes; with Nagle on, the body waits for the client's
-    # delayed ACK of the headers (~40 ms a request).
-    disable_nagle_algorithm = True
-    server: "ChatServer"
+class _Events:
+    """A request's event channel from the engine's thread into the event loop (the engine
+    calls `put` as on a queue.Queue; the handler awaits `get`)."""
 
-    def log_message(self, fmt, *args):
-        log.debug("%s " + fmt, self.address_string(), *args)
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
 
-    def do_GET(self):
-        self._dispatch("GET")
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    def do_POST(self):
-        self._dispatch("POST")
+    async def get(self):
+        return await self.queue.get()
 
-    def do_PUT(self):
-        self._dispatch("PUT")
 
-    def do_DELETE(self):
-        self._dispatch("DELETE")
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
 
-    def do_PATCH(self):
-        self._dispatch("PATCH")
 
-    def _dispatch(self, method: str):
-        try:
-            # Read the whole body first: a keep-alive connection must not hold leftover bytes.
-            length = self.headers.get("Content-Length") or "0"
-            if not length.isdigit():
-                self.close_connection = True
-                raise ApiError(400, f"bad Content-Length {length!r}")
-            raw = self.rfile.read(int(length))
-            path = urlsplit(self.path).path.rstrip("/")
-            name = self.server.model_name
-            routes = {"/v1/models": ("GET", self._models),
-                      f"/v1/models/{name}": ("GET", self._model),
-                      "/v1/chat/completions": ("POST", lambda: self._chat(raw))}
-            if path not in routes:
-                if path.startswith("/v1/models/"):
-                    raise ApiError(404, f"model {path.split('/', 3)[3]!r} does not exist; this "
-                                        f"server has {name!r}", "model", "model_not_found")
-                raise ApiError(404, f"unknown route {method} {path}", code="unknown_url")
-            allowed, handle = routes[path]
-            if method != allowed:
-                raise ApiError(405, f"{path} takes {allowed}, not {method}", code="method_not_allowed")
-            handle()
-        except ApiError as e:
-            self._json(e.status, e.body())
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as e:  # noqa: BLE001 -- a bug answers 500; the server keeps serving
-            log.exception("request failed")
-            self._json(500, ApiError(500, f"{type(e).__name__}: {e}", kind="server_error").body())
+class ChatServer:
+    """The app (Starlette) on uvicorn. Limits, each a clear 4xx: a body over `max_body_bytes`
+    (413, refused from Content-Length before it is read, or while reading a chunked one), a
+    prompt whose characters alone exceed the cache (400, before tokenising), JSON nested too
+    deeply (400); an idle keep-alive connection is closed after `idle_timeout_s`. `api_key`: every
+    request must carry `Authorization: Bearer <api_key>` (401 otherwise). A client that leaves
+    frees its row at the engine's next chunk, streaming or not."""
 
-    def _json(self, status: int, payload: dict):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    def __init__(self, engine: Engine, tok: tokenizer_lib.ChatTokenizer, model_name: str,
+                 host: str = "127.0.0.1", port: int = 8000, enable_thinking: bool = True,
+                 max_tokens: int | None = None, api_key: str | None = None,
+                 max_body_bytes: int = 8 << 20, idle_timeout_s: float = 30.0):
+        self.engine, self.tok, self.model_name = engine, tok, model_name
+        self.enable_thinking, self.created = enable_thinking, int(time.time())
+        self.max_tokens, self.api_key, self.max_body_bytes = max_tokens, api_key, max_body_bytes
+        # A token spells at most this many characters: a prompt of more than cache_len times as
+        # many characters cannot fit, whatever the tokenizer makes of it.
+        self.max_token_chars = tok.max_token_chars
+        routes = [Route("/v1/models", self._models, methods=["GET"]),
+                  Route("/v1/models/{name:path}", self._model, methods=["GET"]),
+                  Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                  Route("/health", self._health, methods=["GET"])]
+        self.app = Starlette(routes=routes, exception_handlers={
+            HTTPException: self._http_error, Exception: self._bug})
+        self.socket = socket.create_server((host, port), backlog=256)
+        self.server_address = self.socket.getsockname()[:2]
+        self.uvicorn = uvicorn.Server(uvicorn.Config(
+            self._guard, log_level="warning", timeout_keep_alive=int(max(1, idle_timeout_s)),
+            lifespan="off", access_log=False, interface="asgi3"))
+        self._thread: threading.Thread | None = None
 
-    def _model_card(self) -> dict:
-        return {"id": self.server.model_name, "object": "model", "created": self.server.created,
+    @property
+    def url(self) -> str:
+        host, port = self.server_address
+        return f"http://{host}:{port}/v1"
+
+    # -- lifecycle
+    def serve_forever(self) -> None:
+        self.uvicorn.run(sockets=[self.socket])
+
+    def start(self) -> "ChatServer":
+        """Serve from a background thread (tests, benchmarks, notebooks)."""
+        self._thread = threading.Thread(target=self.serve_forever, name="serve-http", daemon=True)
+        self._thread.start()
+        while not self.uvicorn.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the server's thread ended before it started serving")
+            time.sleep(0.01)
+        return self
+
+    def close(self):
+        self.uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.socket.close()
+        self.engine.close()
+
+    # -- the ASGI entry: what must happen before Starlette reads anything
+    async def _guard(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            why = None
+            if self.api_key is not None and scope["path"] != "/health" and \
+                    headers.get(b"authorization", b"") != f"Bearer {self.api_key}".encode():
+                why = ApiError(401, "missing or wrong API key (Authorization: Bearer ...)",
+                               code="invalid_api_key", kind="authentication_error")
+            length = headers.get(b"content-length", b"0")
+            if why is None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                why = ApiError(413 if length.isdigit() else 400,
+                               f"a request body of {length.decode(errors='replace')!r} bytes: the "
+                               f"limit is {self.max_body_bytes}", code="request_too_large")
+            if why is not None:
+                await _error(why)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    async def _http_error(self, request: StarletteRequest, exc: HTTPException):
+        path = request.url.path
+        if exc.status_code == 405:
+            return _error(ApiError(405, f"{path} does not take {request.method}",
+                                   code="method_not_allowed"))
+        return _error(ApiError(exc.status_code, f"unknown route {request.method} {path}",
+                               code="unknown_url"))
+
+    async def _bug(self, request: StarletteRequest, exc: Exception):
+        log.exception("request failed", exc_info=exc)
+        return _error(ApiError(500, f"{type(exc).__name__}: {exc}", kind="server_error"))
+
+    # -- routes
+    def _card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created,
                 "owned_by": "tarl_jax"}
 
-    def _models(self):
-        self._json(200, {"object": "list", "data": [self._model_card()]})
+    async def _models(self, request: StarletteRequest):
+        return JSONResponse({"object": "list", "data": [self._card()]})
 
-    def _model(self):
-        self._json(200, self._model_card())
+    async def _model(self, request: StarletteRequest):
+        name = request.path_params["name"]
+        if name != self.model_name:
+            return _error(ApiError(404, f"model {name!r} does not exist; this server has "
+                                        f"{self.model_name!r}", "model", "model_not_found"))
+        return JSONResponse(self._card())
 
-    def _chat(self, raw: bytes):
-        s = self.server
+    async def _health(self, request: StarletteRequest):
+        return JSONResponse({"status": "ok"})
+
+    async def _body(self, request: StarletteRequest) -> Any:
+        """The JSON body, read up to max_body_bytes (a chunked body has no Content-Length)."""
+        raw = bytearray()
+        async for piece in request.stream():
+            raw += piece
+            if len(raw) > self.max_body_bytes:
+                raise ApiError(413, f"the request body exceeds {self.max_body_bytes} bytes",
+                               code="request_too_large")
         try:
-            body = json.loads(raw)
+            return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        call = parse_chat(body, s.model_name, s.tok, s.engine.sampler.cache_len, s.enable_thinking,
-                          s.max_tokens)
-        request = s.engine.submit(call.request)
-        rid = uuid.uuid4().hex[:24]
-        head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": s.model_name}
-        try:
-            if call.stream:
-                self._stream(request, head, f"call_{rid}", call.include_usage)
-            else:
-                reason = self._wait(request, lambda _: None)
-                message = reply_message(s.tok, request.tokens, f"call_{rid}")
-                self._json(200, {**head, "object": "chat.completion", "usage": usage(request),
-                                 "choices": [{"index": 0, "message": message, "logprobs": None,
-                                              "finish_reason": finish_reason(reason, message)}]})
-        finally:
-            request.cancelled = True   # a no-op once done; frees the row if the client left
+            raise ApiError(400, f"the request body is not valid JSON: {e}",
+                           code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply",
+                           code="invalid_json") from None
 
-    def _wait(self, request: Request, on_tokens) -> str:
+    async def _chat(self, request: StarletteRequest):
+        try:
+            body = await self._body(request)
+            cache_len = self.engine.sampler.cache_len
+            chars = _prompt_chars(body)
+            if chars > cache_len * self.max_token_chars:
+                raise ApiError(400, f"this model's maximum context length is {cache_len} tokens; "
+                                    f"the messages hold {chars} characters, more than that many "
+                                    "tokens can spell", "messages", "context_length_exceeded")
+            call = parse_chat(body, self.model_name, self.tok, cache_len, self.enable_thinking,
+                              self.max_tokens)
+        except ApiError as e:
+            return _error(e)
+        call.request.events = _Events(asyncio.get_running_loop())
+        req = self.engine.submit(call.request)
+        rid = uuid.uuid4().hex[:24]
+        head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": self.model_name}
+        if call.stream:
+            return StreamingResponse(self._stream(req, head, f"call_{rid}", call.include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            reason = await self._wait(req, request)
+        except ApiError as e:
+            return _error(e)
+        finally:
+            req.cancelled = True   # a no-op once done; frees the row if the client left
+        if reason is None:         # the client left: nobody to answer
+            return Response(status_code=499)
+        message = reply_message(self.tok, req.tokens, f"call_{rid}")
+        return JSONResponse({**head, "object": "chat.completion", "usage": usage(req),
+                             "choices": [{"index": 0, "message": message, "logprobs": None,
+                                          "finish_reason": finish_reason(reason, message)}]})
+
+    async def _wait(self, req: Request, client: StarletteRequest | None = None, on_tokens=None):
+        """The engine's finish reason once the reply is whole; None if the client left first
+        (polled while waiting, so an abandoned request frees its row)."""
         while True:
-            kind, value = request.events.get()
+            try:
+                kind, value = await asyncio.wait_for(req.events.get(), 0.5)
+            except asyncio.TimeoutError:
+                if client is not None and await client.is_disconnected():
+                    req.cancelled = True
+                    return None
+                continue
             if kind == "tokens":
-                on_tokens(value)
+                if on_tokens is not None:
+                    on_tokens(value)
             elif kind == "done":
                 return value
             else:
                 raise ApiError(500, value, kind="server_error")
 
-    def _stream(self, request: Request, head: dict, call_prefix: str, include_usage: bool):
-        tok = self.server.tok
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")   # the stream ends when the connection does
-        self.end_headers()
-        self.close_connection = True
+    async def _stream(self, req: Request, head: dict, call_prefix: str, include_usage: bool):
+        """SSE frames: a role delta, content deltas as the parse fixes them, the last delta with
+        tool calls and the finish reason, usage if asked, [DONE]. Starlette stops this generator
+        when the client disconnects; `finally` then frees the row."""
+        tok = self.tok
 
-        def send(delta: dict, reason: str | None = None, **extra):
-            chunk = {**head, "object": "chat.completion.chunk", "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}], **extra}
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            self.wfile.flush()
+        def frame(delta: dict, reason: str | None = None) -> str:
+            return "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}) + "\n\n"
 
-        sent = ""
-
-        def on_tokens(_):
-            nonlocal sent
-            content = streamable_content(tok.decode(request.tokens))
-            if len(content) > len(sent) and content.startswith(sent):
-                send({"content": content[len(sent):]})
-                sent = content
-
-        send({"role": "assistant", "content": ""})
         try:
-            reason = self._wait(request, on_tokens)
-        except ApiError as e:   # headers are out: the error travels as an event
-            self.wfile.write(f"data: {json.dumps(e.body())}\n\n".encode())
-            return
-        message = reply_message(tok, request.tokens, call_prefix)
-        last = {}
-        rest = message["content"] or ""
-        if rest.startswith(sent) and rest != sent:
-            last["content"] = rest[len(sent):]
-        if "reasoning_content" in message:
-            last["reasoning_content"] = message["reasoning_content"]
-        if message.get("tool_calls"):
-            last["tool_calls"] = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
-        send(last, finish_reason(reason, message))
-        if include_usage:
-            chunk = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(request)}
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+            yield frame({"role": "assistant", "content": ""})
+            sent = ""
+            while True:
+                kind, value = await req.events.get()
+                if kind == "error":   # the headers are out: the error travels as an event
+                    yield f"data: {json.dumps(ApiError(500, value, kind='server_error').body())}\n\n"
+                    return
+                if kind == "done":
+                    break
+                content = streamable_content(tok.decode(req.tokens))
+                if len(content) > len(sent) and content.startswith(sent):
+                    yield frame({"content": content[len(sent):]})
+                    sent = content
+            message = reply_message(tok, req.tokens, call_prefix)
+            last = {}
+            rest = message["content"] or ""
+            if rest.startswith(sent) and rest != sent:
+                last["content"] = rest[len(sent):]
+            if "reasoning_content" in message:
+                last["reasoning_content"] = message["reasoning_content"]
+            if message.get("tool_calls"):
+                last["tool_calls"] = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
+            yield frame(last, finish_reason(value, message))
+            if include_usage:
+                chunk = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(req)}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            req.cancelled = True
 
 
-class ChatServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256   # many clients connect at once; the default backlog is 5
-
-    def __init__(self, engine: Engine, tok: tokenizer_lib.ChatTokenizer, model_name: str,
-                 host: str = "127.0.0.1", port: int = 8000, enable_thinking: bool = True,
-                 max_tokens: int | None = None):
-        super().__init__((host, port), Handler)
-        self.engine, self.tok, self.model_name = engine, tok, model_name
-        self.enable_thinking, self.created = enable_thinking, int(time.time())
-        self.max_tokens = max_tokens
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
-
-    def start(self) -> "ChatServer":
-        """Serve from a background thread (tests, benchmarks, notebooks)."""
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="serve-http", daemon=True)
-        self._thread.start()
-        return self
-
-    def close(self):
-        if self._thread is not None:
-            self.shutdown()
-        self.server_close()
-        self.engine.close()
+def _prompt_chars(body: Any) -> int:
+    """Characters of text in a chat body's messages (what the prompt must at least spell)."""
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        return 0
+    total = 0
+    for m in body["messages"]:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p["text"]) for p in content
+                         if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return total
 
 
 def build(tok, cfg: qwen.DecoderConfig, params, *, model_name: str = "tarl", batch: int = 8,
           cache_len: int = 4096, chunk: int = 16, refill_wait_s: float = 0.01,
           host: str = "127.0.0.1", port: int = 8000, enable_thinking: bool = True,
-          max_tokens: int | None = None) -> ChatServer:
+          max_tokens: int | None = None, **limits) -> ChatServer:
+    """A ChatServer over a fresh Engine; `limits`: ChatServer's api_key, max_body_bytes,
+    idle_timeout_s."""
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens}: must be >= 1 (or None: the rest of the cache)")
     sampler = sampler_lib.Sampler(cfg, params, cache_len=cache_len)
     return ChatServer(Engine(sampler, tok.stop_ids, batch, chunk, refill_wait_s), tok, model_name,
-                      host, port, enable_thinking, max_tokens)
+                      host, port, enable_thinking, max_tokens, **limits)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -614,6 +686,10 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int,
                     help="reply length for requests that set none (tau-bench's and tau2's harnesses "
                          "never do); default: the rest of the cache, as OpenAI does")
+    ap.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: none)")
+    ap.add_argument("--max-body-mb", type=float, default=8.0, help="larger bodies get a 413")
+    ap.add_argument("--idle-timeout-s", type=float, default=30.0,
+                    help="close keep-alive connections idle this long")
     args = ap.parse_args(argv)
     # INFO for our lines only: orbax and absl log every file they touch at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -622,7 +698,9 @@ def main(argv=None):
     server = build(tok, cfg, params, model_name=args.model_name, batch=args.batch,
                    cache_len=args.cache_len, chunk=args.chunk,
                    refill_wait_s=args.refill_wait_ms / 1000, host=args.host, port=args.port,
-                   enable_thinking=args.enable_thinking, max_tokens=args.max_tokens)
+                   enable_thinking=args.enable_thinking, max_tokens=args.max_tokens,
+                   api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2 ** 20),
+                   idle_timeout_s=args.idle_timeout_s)
     log.info("serving %r (%.1fM params) at %s", args.model_name, qwen.num_params(params) / 1e6,
              server.url)
     try:

@@ -156,9 +156,9 @@ class ScriptedSampler(Sampler):
         super().__init__(cfg, params, **kw)
         self.reply, self.pos = reply, {}
 
-    def append(self, state, new_tokens):
+    def append(self, state, new_tokens, audio=None):
         self.pos.update({b: 0 for b, t in enumerate(new_tokens) if len(t)})   # a new request
-        return super().append(state, new_tokens)
+        return super().append(state, new_tokens, audio)
 
     def decode(self, state, *, max_new_tokens, **_):
         outs = []
@@ -317,3 +317,84 @@ def test_a_conversation_reuses_its_cached_prefix_and_answers_as_without_it(tok, 
         assert cached == len(second) - 1
     finally:
         srv.close()
+
+
+# ------------------------------------------------------------------ hostile clients (ASGI limits)
+
+def raw_socket(srv, head: bytes, body: bytes = b"") -> tuple[int, dict]:
+    """Send bytes as they are (what http.client will not), read one JSON answer."""
+    import socket
+    with socket.create_connection(srv.server_address, timeout=30) as s:
+        s.sendall(head + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        header, _, rest = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in header.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        while len(rest) < length:
+            rest += s.recv(65536)
+        return int(header.split()[1]), json.loads(rest[:length])
+
+
+def test_limits_answer_4xx_before_reading_or_tokenising(server):
+    t0 = time.perf_counter()
+    status, payload = raw_socket(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                         b"Content-Length: 1000000000000\r\n\r\n")
+    assert status == 413 and payload["error"]["code"] == "request_too_large"
+    assert time.perf_counter() - t0 < 10
+    # Chunked: no Content-Length to refuse up front; refused once past the limit.
+    piece = b"x" * (1 << 20)
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(9)) + b"0\r\n\r\n"
+    status, payload = raw_socket(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                         b"Transfer-Encoding: chunked\r\n\r\n", chunks)
+    assert status == 413
+    ok = dict(model=NAME, max_tokens=4)
+    cases = [(json.dumps(dict(ok, messages=[{"role": "assistant", "content": "x", "tool_calls": 5}])),
+              "messages[0].tool_calls", None),
+             ("[" * 100_000 + "]" * 100_000, None, "invalid_json")]
+    for body, param, code in cases:
+        status, payload = raw(server, "POST", "/v1/chat/completions", body.encode())
+        assert status == 400 and (payload["error"]["param"], payload["error"]["code"]) == (param, code)
+    # More characters than the cache's tokens can spell: refused without tokenising them.
+    huge = "a" * (CACHE * server.max_token_chars + 1)
+    t0 = time.perf_counter()
+    status, payload = raw(server, "POST", "/v1/chat/completions",
+                          json.dumps(dict(ok, messages=[{"role": "user", "content": huge}])).encode())
+    assert status == 400 and "characters" in payload["error"]["message"]
+    assert payload["error"]["code"] == "context_length_exceeded"
+    for method, status in (("OPTIONS", 405), ("PUT", 405)):
+        assert raw(server, method, "/v1/chat/completions")[0] == status
+    assert raw(server, "GET", "/health") == (200, {"status": "ok"})
+
+
+def test_api_key_is_required_when_set(tok, model):
+    srv = serve.build(tok, *model, model_name=NAME, batch=2, cache_len=CACHE, port=0,
+                      api_key="sekrit").start()
+    try:
+        status, payload = raw(srv, "GET", "/v1/models")
+        assert status == 401 and payload["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            client(srv).models.list()
+        assert [m.id for m in openai.OpenAI(base_url=srv.url, api_key="sekrit").models.list()] == [NAME]
+        assert raw(srv, "GET", "/health")[0] == 200
+    finally:
+        srv.close()
+
+
+def test_a_client_that_leaves_frees_its_request():
+    """_wait polls the client while no event comes: gone -> None, and the request is cancelled
+    (the engine frees its row at the next chunk)."""
+    import asyncio
+
+    class Gone:
+        async def is_disconnected(self):
+            return True
+
+    async def go():
+        req = serve.Request([1, 2], 8)
+        req.events = serve._Events(asyncio.get_running_loop())
+        return await serve.ChatServer._wait(None, req, Gone()), req
+
+    reason, req = asyncio.run(go())
+    assert reason is None and req.cancelled

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import importlib.util
 import json
 import pathlib
@@ -307,6 +308,12 @@ class ChatTokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token decodes to (a vocabulary entry's length bounds it: a
+        byte-level entry has one character per byte, and a byte decodes to at most one)."""
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)))
 
     def token_id(self, token: str) -> int:
         return self._required(token)
