@@ -13,7 +13,8 @@ tasks is measured before and after. Arguments (`configs/tiny.py:ARG`, comma sepa
   demo                         what `make demo` runs: RL from the shipped level-0 warm start
                                (tiny-level0) with the settings chosen on the validation split
   runlocal                     an even smaller run (a minute; used by tests)
-  table                        the budget of `python -m tarl_jax.bench.table` (16 held-out tasks, shorter)
+  table                        `python -m tarl_jax.bench.table`'s runs: demo's settings, 20 steps, pass^4
+  control                      SFT in place of RL (rl.algo=sft), the table's control
   taubench=DIR                 real tau-bench retail train/test tasks from DIR (../shared/taubench)
 """
 import ml_collections
@@ -32,7 +33,7 @@ BRIEFS = {0: ("You are a customer service agent of an online store. Confirm ever
 def get_config(arg: str | None = None):
     args = configlib.parse_arg(arg, algo="grpo", credit="", judge="rule", math=0.0,
                                runlocal=False, table=False, taubench="", level=0, tune=False,
-                               demo=False)
+                               demo=False, control=False)
     level = int(args.level)
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -78,9 +79,11 @@ def get_config(arg: str | None = None):
 
     # infeasible: what to do when the limits rule out tasks the expert solves (limits.py):
     # warn (loudly) | error (refuse to start) | ignore.
+    # final_samples k > 0: the last evaluation also samples k episodes per held-out task at
+    # `temperature` (pass^1/sampled, pass^k/sampled).
     c.rollout = dict(tasks_per_step=4, samples_per_task=4, temperature=1.0, top_p=1.0, top_k=0,
                      max_turn_tokens=48, cache_len=2048, eval_temperature=0.0, eval_samples=1,
-                     infeasible="warn")
+                     final_samples=0, infeasible="warn")
     # llm.repeats > 1: judge each trajectory that many times (distinct seeds; temperature > 0),
     # reward the per-turn majority vote and log judge/repeat_* self-consistency metrics.
     c.judge = dict(kind=args.judge, llm=dict(base_url="", model="", max_concurrency=8,
@@ -91,11 +94,13 @@ def get_config(arg: str | None = None):
     # whose advantages are all 0 does not step the optimizer. A step with a non-finite loss or
     # gradient is never applied; max_nonfinite of them in a row stop the run (non-zero exit).
     # credit "": trajectory, or per_turn under `demo` (chosen there on validation).
+    # algo=sft is bench.table's control: SFT on the expert's dialogues (the warm start's batches,
+    # at optim.lr) for sft_seconds of wall time per step (0: one update) instead of RL.
     credit = args.credit or ("per_turn" if args.demo else "trajectory")
     c.rl = dict(algo=args.algo, credit=credit, policy_loss="ppo", clip_low=0.2, clip_high=0.2,
                 agg="", kl_coef=0.0, kl_estimator="k3", gamma=1.0, lam=1.0, critic_lam=1.0,
                 skip_no_signal=True, epochs=1, microbatches=1, logprob_chunk=1024,
-                max_nonfinite=3)
+                max_nonfinite=3, sft_seconds=0.0)
     # Row buckets of the global batch (each host packs bucket / host count rows).
     # A level-0 dialogue is < 1k tokens (limits.py checks): one per 1k row costs half the
     # attention of two per 2k row.
@@ -131,27 +136,30 @@ def get_config(arg: str | None = None):
         c.rollout.update(cache_len=8192, max_turn_tokens=48)
         c.pack.seq_lens = (4096, 8192)
         c.warmstart.seq_len = 8192
-    if args.table:
-        # 12 RL runs on 2 CPU cores from one shared warm start (bench.table --shared-warmstart,
-        # the default length), short RL, a checkpoint every step. Not rerun since level 0 and
-        # its warm start changed (README: the table numbers are the level-2 world's).
-        c.total_steps, c.eval_every, c.checkpoint_every = 4, 4, 1
-        c.world.eval_tasks = 16
-        c.rollout.tasks_per_step = 2
-    if args.demo:
+    if args.demo or args.table:
         # Chosen on the validation split (README): from the 370-step policy, per-turn credit at
         # lr 1e-4 with each episode weighted equally (seq_mean) over 16 tasks x 4 samples a step
         # gave validation pass^1 0.30 -> 0.47 in 20 steps, 0.52 in 30, 0.55 in 40 (30 fits the
         # 15-minute budget); lr 1e-3 and 3e-4 broke the policy, and token_mean lets failed
         # episodes (8-10 turns against 3) dominate the update.
         if level != 0 or args.taubench:
-            raise ValueError("demo: the shipped warm start is level 0's synthetic world")
+            raise ValueError("demo, table: the shipped warm start is level 0's synthetic world")
         c.warmstart.init = "tiny-level0"
         c.total_steps, c.eval_every, c.checkpoint_every = 30, 10, 10
         c.rl.agg = "seq_mean"
         c.optim.lr = 1e-4
         c.rollout.tasks_per_step = 16
         c.pack.rows = (4, 8, 16, 32, 64)
+    if args.table:
+        # python -m tarl_jax.bench.table: the demo's settings (chosen on validation for per-turn
+        # credit, shared by every variant) for 20 steps, 15 runs in the 3-hour budget; at the
+        # end 4 samples per held-out task at the training temperature (pass^1 and pass^4).
+        c.total_steps, c.eval_every, c.checkpoint_every = 20, 10, 5
+        c.rollout.final_samples = 4
+    if args.control:
+        # bench.table's control: the warm start's SFT continued at its own learning rate, with
+        # bench.table setting rl.sft_seconds to the RL variants' seconds per step.
+        c.rl.algo, c.optim.lr, c.judge.kind, c.math.fraction = "sft", c.warmstart.lr, "none", 0.0
     if args.runlocal:
         c.total_steps, c.eval_every, c.checkpoint_every = 2, 2, 1
         c.world.synth.num_tasks, c.world.eval_tasks, c.world.val_tasks = 40, 4, 4

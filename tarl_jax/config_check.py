@@ -62,7 +62,7 @@ def _registry(name: str):
     def check(v):
         from tarl_jax import rollout
         from tarl_jax.rl import advantages, losses, pack
-        allowed = {"algo": (*advantages.REGISTRY, "ppo"), "credit": advantages.CREDIT_MODES,
+        allowed = {"algo": (*advantages.REGISTRY, "ppo", "sft"), "credit": advantages.CREDIT_MODES,
                    "policy_loss": tuple(losses.POLICY_LOSSES),
                    "agg": ("", *losses.AGGREGATIONS), "kl_estimator": tuple(losses.KL_ESTIMATORS),
                    "tool_view": tuple(rollout.TOOL_VIEWS), "overflow": tuple(pack.OVERFLOW_RULES)}[name]
@@ -81,6 +81,7 @@ RULES = {
     "rollout.max_turn_tokens": _int_at_least(1),
     "rollout.cache_len": _int_at_least(2),
     "rollout.eval_samples": _int_at_least(1),
+    "rollout.final_samples": _int_at_least(0),
     "rollout.temperature": _number(0.0),
     "rollout.eval_temperature": _number(0.0),
     "rollout.top_p": _number(0.0, 1.0, low_open=True),
@@ -101,6 +102,7 @@ RULES = {
     "rl.epochs": _int_at_least(1),
     "rl.microbatches": _int_at_least(1),
     "rl.max_nonfinite": _int_at_least(1),
+    "rl.sft_seconds": _number(0.0),
     "pack.seq_lens": _positive_ints,
     "pack.rows": _positive_ints,
     "pack.overflow": _registry("overflow"),

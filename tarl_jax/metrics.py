@@ -1,4 +1,5 @@
-"""Reporting: metrics.jsonl + TensorBoard, progress bars (process 0 only), the reward plot."""
+"""Reporting: metrics.jsonl + TensorBoard, progress bars (process 0 only), an evaluation's
+figures, the run's summary and reward plot."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,9 @@ import os
 import pathlib
 
 import jax
+import numpy as np
+
+from tarl_jax.sandbox import reward as sandbox_reward
 
 
 class MetricWriter:
@@ -48,6 +52,34 @@ class MetricWriter:
 def progress(it, desc: str, **kw):
     from tqdm.auto import tqdm
     return tqdm(it, desc=desc, disable=jax.process_index() != 0, dynamic_ncols=True, **kw)
+
+
+def eval_figures(trials: dict[str, list[float]], writes: set) -> dict:
+    """An evaluation's figures from {task id: [reward per sample]}: pass^1 over all tasks and
+    per task; the headline counts tasks that need a write (`writes`), while tasks where doing
+    nothing is right (answer a question, decline) get their own line: an agent that does
+    nothing passes those."""
+    out = {"pass^1": sandbox_reward.pass_hat_k(trials, 1),
+           "per_task": {t: float(np.mean([sandbox_reward.is_success(r) for r in rs]))
+                        for t, rs in trials.items()},
+           "write_tasks": sorted(writes & set(trials))}
+    for name, keep in (("writes", lambda t: t in writes), ("no_write", lambda t: t not in writes)):
+        part = {t: rs for t, rs in trials.items() if keep(t)}
+        if part:
+            out[f"pass^1/{name}"] = sandbox_reward.pass_hat_k(part, 1)
+            out[f"tasks/{name}"] = len(part)
+    return out
+
+
+def sampled_figures(sampled: dict[str, list[float]], writes: set, k: int) -> dict:
+    """k samples per task: pass^1 and pass^k over the tasks that need a write, and every
+    task's successes of k."""
+    part = {t: rs for t, rs in sampled.items() if t in writes}
+    return {"pass^1/sampled": sandbox_reward.pass_hat_k(part, 1),
+            f"pass^{k}/sampled": sandbox_reward.pass_hat_k(part, k),
+            "per_task_sampled": {t: int(sum(map(sandbox_reward.is_success, rs)))
+                                 for t, rs in sampled.items()},
+            "samples": k}
 
 
 def _headline(ev: dict) -> tuple[str, float, int]:
@@ -106,13 +138,15 @@ def plot(meta: dict, path: pathlib.Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from tarl_jax import stats
     hist, evals = meta["history"], meta["evals"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     steps = [h["step"] for h in hist]
-    for key, scale, label in (("reward", 1.0, "reward (TARL)"), ("outcome", 10.0, "10 x outcome")):
+    for key, scale, label in (("reward", 1.0, "reward (TARL)"), ("outcome", 10.0, "10 x outcome"),
+                              ("sft/nll", 1.0, "SFT NLL (the control)")):
+        if not hist or key not in hist[0]:
+            continue
         y = np.array([scale * h[key] for h in hist])
         line, = ax[0].plot(steps, y, alpha=0.35, label=label)
         if len(y) >= 5:

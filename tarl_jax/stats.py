@@ -49,3 +49,20 @@ def detectable_difference(n: int, p: float, discordant: float | None = None,
     q = 2 * p * (1 - p) if discordant is None else discordant
     z = sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)
     return float(z * math.sqrt(max(q, 1e-12) / n))
+
+
+def cluster_bootstrap(x, reps: int = 10000, confidence: float = 0.95, seed: int = 0):
+    """Percentile interval and standard error of the mean of x[seeds, tasks], resampling seeds
+    and then tasks with replacement (both vary between repeats of an experiment; with one seed,
+    tasks only). Pass the paired difference of two arms as x to compare them: the same
+    resampled seeds and tasks for both. Returns (low, high, standard error)."""
+    x = np.asarray(x, float)
+    if x.ndim != 2 or not x.size:
+        raise ValueError(f"x must be [seeds, tasks] and non-empty, got shape {x.shape}")
+    rng = np.random.default_rng(seed)
+    s, t = x.shape
+    rows = rng.integers(0, s, (reps, s)) if s > 1 else np.zeros((reps, 1), int)
+    cols = rng.integers(0, t, (reps, t))
+    means = x[rows[:, :, None], cols[:, None, :]].mean(axis=(1, 2))
+    lo, hi = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(lo), float(hi), float(means.std(ddof=1))

@@ -17,7 +17,6 @@ have produced.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import pathlib
@@ -28,16 +27,14 @@ import jax
 import numpy as np
 
 from tarl_jax import components, distributed, limits as limits_lib, metrics as metrics_lib
-from tarl_jax import rollout, sharding
+from tarl_jax import rollout, sft, sharding
 from tarl_jax.judge import score
 from tarl_jax.rl import batch as batch_lib
 from tarl_jax.rl import checkpoint as ckpt_lib
 from tarl_jax.rl import curriculum as curriculum_lib
-from tarl_jax.rl import losses
 from tarl_jax.rl import step as step_lib
 from tarl_jax.sampler import Sampler
 from tarl_jax.sandbox import domains
-from tarl_jax.sandbox import reward as sandbox_reward
 
 log = logging.getLogger("tarl_jax")
 
@@ -82,6 +79,15 @@ class Trainer:
             c.optim.weight_decay, critic_lr=c.optim.critic_lr if self.ppo else None)
         self.keys = batch_lib.batch_keys(
             self.ppo, None if self.speech is None else "mel" if self.train_audio else "embeddings")
+        # rl.algo=sft: the control of bench.table, SFT on the expert's dialogues in place of RL
+        # (same loop, evaluations and checkpoints; rl.sft_seconds of updates per step).
+        self.sft_control = c.rl.algo == "sft"
+        if self.sft_control:
+            if self.train_audio:
+                raise ValueError("rl.algo=sft trains the decoder only: set model.train_audio=False")
+            self.step_cfg = sft.step_config(self.step_cfg)
+            self.keys = batch_lib.batch_keys(audio="embeddings" if self.speech else None)
+        self._demos = None
         self.state_sh, self.train_step = batch_lib.build_step(
             self.model_cfg, self.step_cfg, self.optimizer, self.mesh, self.rules, self.keys,
             audio_cfg)
@@ -124,10 +130,9 @@ class Trainer:
         params = self._initial_params
         meta = {"history": [], "evals": []}
         if self.config.warmstart.get("init"):
-            params, meta["warmstart"] = self.load_warm_start(params)
+            params, meta["warmstart"] = ckpt_lib.load_warm_start(self.config, params)
         elif self.config.warmstart.steps:
-            params, sft = self.warm_start(params)
-            meta["warmstart"] = sft
+            params, meta["warmstart"] = self.warm_start(params)
         state = step_lib.init_state(params, self.optimizer, self.model_cfg, self.ppo, self.state_sh,
                                     self._initial_audio)
         if self.config.rl.kl_coef:
@@ -137,98 +142,48 @@ class Trainer:
             self.ref_params = jax.tree.map(lambda x: x.copy(),
                                            step_lib.acting_params(state["params"]))
             ckpt_lib.save_params(reference, self.ref_params)
-        meta["evals"].append({"step": 0, **self.evaluate(state)})
+        # A 0-step run (bench.table's shared start) takes the final evaluation here.
+        meta["evals"].append({"step": 0, **self.evaluate(state, final=not self.config.total_steps)})
         meta["curriculum"] = self.curriculum.get_state()
         self.ckpt.save(0, state, meta, force=True)
         return state, meta
 
     # -- warm start ------------------------------------------------------------------------
+    def demonstrations(self) -> sft.Demonstrations:
+        """The expert's dialogues on the training tasks (made once, on first use)."""
+        if self._demos is None:
+            self._demos = sft.Demonstrations(self.config, self.world, self.tok, self.tool_view,
+                                             self.speech, self.audio_id, self.mesh, self.rules)
+        return self._demos
+
     def warm_start(self, params, on_step=None) -> tuple[Any, dict]:
-        """SFT on expert dialogues, tokenised exactly as a rollout would feed them.
-
-        on_step(step, params, sft): called after each SFT step with the returned dict so far
-        (e.g. to save intermediate policies: `save_warm_start`).
-
-        Returns:
-          (the policy's params after SFT, {"nll_first", "nll_last", "expert_solved",
-          "expert_episodes"}).
-        """
-        c = self.config.warmstart
-        tasks, _ = distributed.host_share(self.world.train[:c.episodes or None])   # 0: all
-        # In speech mode every other demonstration is heard: SFT covers both modalities. The
-        # expert gets tau-bench's 30-step cap even where rollouts are cut shorter.
-        episodes = limits_lib.expert_episodes(self.world, self.tok, self.tool_view, tasks,
-                                              self.speech, max_steps=30)
-        ok = [ep for ep in episodes if ep.reward >= 1]
-        log.info("warm start: %d/%d expert episodes solved; training on them", len(ok), len(episodes))
-        optimizer = step_lib.make_optimizer(c.lr, c.warmup_steps, c.steps, c.schedule, 1.0)
-        cfg = dataclasses.replace(self.step_cfg, ppo=False, temperature=1.0,
-                                  loss=losses.LossConfig(policy_loss="pg", agg="token_mean"))
-        keys = batch_lib.batch_keys(audio="embeddings" if self.speech else None)
-        sh, fn = batch_lib.build_step(self.model_cfg, cfg, optimizer, self.mesh, self.rules, keys)
-        state = step_lib.init_state(params, optimizer, self.model_cfg, False, sh)
-        rng = np.random.default_rng([self.config.seed, jax.process_index()])
-        losses_seen = []
-        # Global rows and dialogues per step, split over hosts.
-        per_step = (c.get("dialogues", 0) or c.batch_rows) // jax.process_count()
-        for i in metrics_lib.progress(range(c.steps), "warm start"):
-            pick = rng.choice(len(ok), size=min(per_step, len(ok)), replace=False)
-            batch = batch_lib.pack_agreed([ok[j] for j in pick], np.ones(len(pick), np.float32),
-                                          (c.seq_len,), (c.batch_rows,), "truncate",
-                                          audio=self.speech, audio_token_id=self.audio_id or -1)
-            if not batch.stats["policy_tokens"]:
-                log.warning("warm start step %d: no assistant token within warmstart.seq_len=%d "
-                            "(the prompts are longer); raise it", i, c.seq_len)
-            state, m = fn(state, step_lib.device_batch(batch.arrays, keys, self.mesh, self.rules),
-                          jax.random.key(i))
-            losses_seen.append(float(m["loss"]))
-            sft = {"nll_first": losses_seen[0], "nll_last": losses_seen[-1],
-                   "expert_solved": len(ok), "expert_episodes": len(episodes)}
-            if on_step is not None:
-                on_step(i + 1, state["params"]["policy"], sft)
-        log.info("warm start: NLL %.3f -> %.3f over %d steps", losses_seen[0], losses_seen[-1], c.steps)
-        return state["params"]["policy"], sft
+        """SFT on the expert's dialogues (sft.warm_start: its Args and Returns)."""
+        return sft.warm_start(params, self.demonstrations(), self.model_cfg, self.step_cfg,
+                              self.config, self.mesh, self.rules, on_step)
 
     def save_warm_start(self, path) -> dict:
         """Run the warm start on the training split and write its policy to `path` (the file
         `warmstart.init` names), with its provenance and cost."""
         t0, c = time.perf_counter(), self.config
 
-        def meta_at(steps, sft):
-            return {**ckpt_lib.warm_start_provenance(c), "sft": sft, "steps": steps,
+        def meta_at(steps, figures):
+            return {**ckpt_lib.warm_start_provenance(c), "sft": figures, "steps": steps,
                     "seconds": time.perf_counter() - t0, "warmstart": dict(c.warmstart),
                     "seed": c.seed, "train_tasks": len(self.world.train)}
 
-        def on_step(step, params, sft):
+        def on_step(step, params, figures):
             # warmstart.save_every: the policy at every k-th step too (`<out>-<step>.safetensors`),
             # so one run yields the candidates a warm-start length is chosen from (on validation).
             every = c.warmstart.get("save_every", 0)
             if every and step % every == 0 and step < c.warmstart.steps:
                 p = pathlib.Path(path)
                 ckpt_lib.save_flat(p.with_name(f"{p.stem}-{step}{p.suffix}"), params,
-                                   meta_at(step, dict(sft)))
+                                   meta_at(step, dict(figures)))
 
-        params, sft = self.warm_start(self._initial_params, on_step)
-        meta = meta_at(c.warmstart.steps, sft)
+        params, figures = self.warm_start(self._initial_params, on_step)
+        meta = meta_at(c.warmstart.steps, figures)
         ckpt_lib.save_flat(path, params, meta)
         return meta
-
-    def load_warm_start(self, params) -> tuple[Any, dict]:
-        """The policy `warmstart.init` holds (a file `save_warm_start` wrote; a bare name is one
-        shipped in tarl_jax/assets/warmstart/), refused if made for another model or world."""
-        path = ckpt_lib.warm_start_path(self.config.warmstart.init)
-        params, meta = ckpt_lib.load_flat(path, params)
-        want = ckpt_lib.warm_start_provenance(self.config)
-        got = {k: meta.get(k) for k in want}
-        if got != want:
-            diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
-            raise ValueError(f"warmstart.init={path} was made for another setting ({diff}, as "
-                             "(file, this run)): remake it with --config.mode=warmstart, or set "
-                             "warmstart.init='' to warm-start here")
-        log.info("warm start: loaded %s (NLL %.3f after %d steps, %.0f s to make)", path,
-                 meta["sft"]["nll_last"], meta.get("steps", meta["warmstart"]["steps"]),
-                 meta["seconds"])
-        return params, {**meta["sft"], "init": str(path)}
 
     # -- rollouts ----------------------------------------------------------------------------
     def rollouts(self, params, tasks, samples, temperature, rng, first_task: int = 0,
@@ -267,23 +222,26 @@ class Trainer:
                                  self.tool_view, episode_ids=list(ids),
                                  speech=self.speech if speech else None)
 
-    def evaluate(self, state) -> dict:
+    def evaluate(self, state, final: bool = False) -> dict:
         """pass^1 on the held-out tasks; with a model that hears, also with speaking users
-        (`pass^1/speech`), side by side.
+        (`pass^1/speech`), side by side. `final` with rollout.final_samples=k > 0: also k
+        samples per task at the training temperature (pass^1/sampled, pass^k/sampled over the
+        tasks that need a write; per_task_sampled: successes of k per task).
 
         Returns:
-          {"pass^1", "eval_turns"[, "pass^1/speech", "eval_turns/speech"]}.
+          {"pass^1", "eval_turns", "per_task", "write_tasks", "pass^1/writes", ...
+          [, "pass^1/speech", "eval_turns/speech"]}.
         """
-        out = self._evaluate(state, speech=False)
+        out = self._evaluate(state, speech=False, final=final)
         if self.speech is not None:
             out.update({f"{k}/speech": v for k, v in self._evaluate(state, speech=True).items()})
         return out
 
-    def _evaluate(self, state, speech: bool) -> dict:
-        r = self.config.rollout
+    def _eval_trials(self, state, samples: int, temperature: float, stream: int, speech: bool):
+        """({task id: [reward per sample]}, [agent turns per episode]) over every host."""
         tasks, first = distributed.host_share(self.world.eval)
-        eps, _ = self.rollouts(state["params"], tasks, r.eval_samples,
-                               r.eval_temperature, jax.random.fold_in(self.rng, 1), first, speech)
+        eps, _ = self.rollouts(state["params"], tasks, samples, temperature,
+                               jax.random.fold_in(self.rng, stream), first, speech)
         trials: dict[str, list[float]] = {}
         turns = []
         for host_trials, host_turns in distributed.allgather_json(
@@ -291,23 +249,24 @@ class Trainer:
             for task_id, reward in host_trials:
                 trials.setdefault(task_id, []).append(reward)
             turns += host_turns
-        out = {"pass^1": sandbox_reward.pass_hat_k(trials, 1), "eval_turns": float(np.mean(turns)),
-               "per_task": {t: float(np.mean([sandbox_reward.is_success(r) for r in rs]))
-                            for t, rs in trials.items()}}
-        # The headline counts tasks that need a write; where doing nothing is right (answer a
-        # question, decline) is its own line: an agent that does nothing passes those.
+        return trials, turns
+
+    def _evaluate(self, state, speech: bool, final: bool = False) -> dict:
+        r = self.config.rollout
         writes = {t.task_id for t in self.world.eval if domains.gold_writes(t)}
-        out["write_tasks"] = sorted(writes & set(trials))
-        for name, keep in (("writes", lambda t: t in writes), ("no_write", lambda t: t not in writes)):
-            part = {t: rs for t, rs in trials.items() if keep(t)}
-            if part:
-                out[f"pass^1/{name}"] = sandbox_reward.pass_hat_k(part, 1)
-                out[f"tasks/{name}"] = len(part)
+        trials, turns = self._eval_trials(state, r.eval_samples, r.eval_temperature, 1, speech)
+        out = metrics_lib.eval_figures(trials, writes)
+        out["eval_turns"] = float(np.mean(turns))
+        k = r.get("final_samples", 0) if final else 0
+        if k and writes:
+            sampled, _ = self._eval_trials(state, k, r.temperature, 2, speech)
+            out.update(metrics_lib.sampled_figures(sampled, writes, k))
         return out
 
     # -- one RL step -------------------------------------------------------------------------
     def rl_step(self, state, step: int) -> tuple[dict, dict]:
-        """Rollouts -> judge -> advantages -> packed batch -> `rl.epochs` updates.
+        """Rollouts -> judge -> advantages -> packed batch -> `rl.epochs` updates (the control,
+        rl.algo=sft: sft.control_step instead).
 
         Args:
           state: the train state (donated: use the returned one).
@@ -316,11 +275,14 @@ class Trainer:
           (new state, metrics: rollout, judge, pack, loss and timing figures, global means).
         """
         c = self.config
+        key = jax.random.fold_in(jax.random.fold_in(self.rng, 0), step)
+        if self.sft_control:
+            return sft.control_step(state, self.train_step, self.demonstrations(), key, c.seed,
+                                    step, c.rl.get("sft_seconds", 0.0))
         t0 = time.perf_counter()
         batch = self.curriculum.next(step)   # this host's block of the step's tasks
         tasks, kind = batch.tasks, batch.kind
         g = c.rollout.samples_per_task
-        key = jax.random.fold_in(jax.random.fold_in(self.rng, 0), step)
         episodes, rstats = self.rollouts(state["params"], tasks, g, c.rollout.temperature, key,
                                          batch.first, speech=kind == "speech")
         t_roll = time.perf_counter() - t0
@@ -397,7 +359,7 @@ class Trainer:
                         "and batch (rl.max_nonfinite sets how many are tolerated)")
                 meta["history"].append({"step": done, **metrics})
                 if done % c.eval_every == 0 or done == c.total_steps:
-                    ev = self.evaluate(state)
+                    ev = self.evaluate(state, final=done == c.total_steps)
                     meta["evals"].append({"step": done, **ev})
                     metrics.update({f"eval/{k}": v for k, v in ev.items()
                                     if isinstance(v, (int, float))})

@@ -149,7 +149,32 @@ def test_reads_text_transfer_rejection_and_cascade():
     assert j.scores == [0, 0, 1, 0, -1, 0, 0]
     assert "rejected" in j.reasons[3]
     assert j.meta["negative_kind"] == "unrequested_write" and j.meta["cascading"] == [5, 6]
+    assert j.meta["offences"] == ["unrequested_write", "wrong_args", "transfer"]
     assert all("cascading" in j.reasons[t] for t in (5, 6))
+
+
+def test_behaviour_is_measured_by_the_rule_judge_whatever_judge_rewards():
+    """score.behaviour: -1 share, needless writes and transfers per tool episode; math
+    episodes and episodes without agent turns are left out."""
+    from tarl_jax.judge import score
+
+    def episode(msgs, mode="text"):
+        turns = [AgentTurn(index=i, message=m)
+                 for i, m in enumerate(m for m in msgs if m["role"] == "assistant")]
+        return Episode(task_id="t", domain="retail", messages=msgs, turns=turns, mode=mode)
+
+    bad = [{"role": "user", "content": "hi"}]
+    bad += tool_turn("modify_user_address", {"user_id": "u"})
+    bad += tool_turn("modify_user_address", {"user_id": "v"})
+    bad += tool_turn("transfer_to_human_agents", {"summary": "help"}, "Transfer successful")
+    good = [{"role": "user", "content": "hi"}] + tool_turn("get_order_details", {"order_id": "#W1"})
+    eps = [episode(bad), episode(good), episode(bad, mode="math"), episode([])]
+    got = score.behaviour(eps, [TASK] * 4)
+    # Over the two tool episodes: bad has 2 needless writes, 1 transfer and a -1; good has a
+    # -1 too (the gold exchange is never made).
+    assert got == {"behaviour/rule_neg_rate": 1.0, "behaviour/unrequested_writes": 1.0,
+                   "behaviour/needless_transfers": 0.5}
+    assert score.behaviour([episode([])], [TASK]) == {}
 
 
 def test_transfer_against_gold_and_rejected_attempt_placement():

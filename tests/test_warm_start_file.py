@@ -38,7 +38,7 @@ def test_the_documented_command_writes_a_file_a_run_starts_from(tmp_path):
     c = config()
     c.warmstart.init = str(out)
     t = trainer.Trainer(c, str(tmp_path / "run"))
-    params, meta = t.load_warm_start(t._initial_params)
+    params, meta = checkpoint.load_warm_start(t.config, t._initial_params)
     saved, file_meta = checkpoint.load_flat(out, t._initial_params)
     assert meta["init"] == str(out) and meta["nll_last"] == report["nll_last"]
     # made from the training split alone: the dialogues it saw are the first training tasks'
@@ -62,7 +62,7 @@ def test_a_file_made_for_another_world_or_model_is_refused(tmp_path):
     bigger.model.preset, bigger.warmstart.init = "tiny", str(path)
     with pytest.raises(ValueError, match="the model wants"):
         t2 = trainer.Trainer(bigger, str(tmp_path / "c"))
-        t2.load_warm_start(t2._initial_params)
+        checkpoint.load_warm_start(t2.config, t2._initial_params)
 
 
 def test_shipped_names_resolve_into_the_package():
@@ -89,7 +89,7 @@ def test_save_every_writes_the_intermediate_policies_a_length_is_chosen_from(tmp
     assert not jax.tree.all(jax.tree.map(np.array_equal, mid, seen[4]))
     # the intermediate file is a warm start a run can begin from, like the final one
     c.warmstart.init = str(tmp_path / "ws-2.safetensors")
-    params, _ = trainer.Trainer(c, str(tmp_path / "run3")).load_warm_start(t._initial_params)
+    params, _ = checkpoint.load_warm_start(c, t._initial_params)
     assert jax.tree.all(jax.tree.map(np.array_equal, params, mid))
 
 
@@ -99,7 +99,7 @@ def test_the_shipped_level_0_warm_start_is_the_default_configs_and_solves_valida
     c = configlib.load(TINY, "tune")
     c.warmstart.init = "tiny-level0"
     t = trainer.Trainer(c, str(tmp_path))
-    params, meta = t.load_warm_start(t._initial_params)
+    params, meta = checkpoint.load_warm_start(t.config, t._initial_params)
     _, file_meta = checkpoint.load_flat(checkpoint.warm_start_path("tiny-level0"), t._initial_params)
     assert file_meta["steps"] == c.warmstart.steps
     assert {k: file_meta["warmstart"][k] for k in ("lr", "schedule", "episodes", "dialogues")} == \

@@ -28,7 +28,8 @@ of their verdicts (-1 before +1 before 0):
 At most one -1: the first offending turn in dialogue order takes it (later ones usually cascade
 from it); later offenders score 0 with "cascading" in the reason and are listed in
 `meta["cascading"]`. `meta["negative_kind"]` names the -1's rule (wrong_args, unrequested_write,
-transfer, missing_write, missing_output); gold actions never matched are in
+transfer, missing_write, missing_output), `meta["offences"]` every turn's that would have
+taken one (cascading included; not the missing_* ones); gold actions never matched are in
 `meta["unmatched_gold"]`, outputs never said in `meta["unsaid_outputs"]`.
 """
 from __future__ import annotations
@@ -132,6 +133,7 @@ def judge(task: Any, dialogue: Any, domain: str | None = None) -> Judgement:
         reasons[t] += (f"; gold write {_fmt(missing[0])} never made" if missing else
                        f"; required output(s) {outputs_left} never said")
     meta = {"negative_kind": kind, "cascading": [t for t, _ in offences[1:]],
+            "offences": [k for _, k in offences],   # every would-be -1's rule, in order
             "unmatched_gold": [_fmt(a) for a in remaining], "unsaid_outputs": outputs_left}
     return Judgement(scores=scores, reasons=reasons, source="rule", meta=meta)
 

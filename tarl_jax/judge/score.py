@@ -72,6 +72,7 @@ def score_episodes(episodes, tasks, config) -> tuple[np.ndarray, np.ndarray | No
     for i, r in enumerate(per_turn):
         turn_r[i, :len(r)] = r
     metrics.update({"outcome": float(np.mean(outcomes)), "reward": float(np.mean(rewards))})
+    metrics.update(behaviour(episodes, tasks, judgements if kind == "rule" else None))
     judged = [j for j in judgements if j is not None]
     if judged:
         agree = reliability.outcome_agreement(judgements, outcomes)
@@ -81,3 +82,19 @@ def score_episodes(episodes, tasks, config) -> tuple[np.ndarray, np.ndarray | No
             if agree[key] is not None:
                 metrics[f"judge/{key}"] = agree[key]
     return np.asarray(rewards, np.float32), turn_r, metrics
+
+
+def behaviour(episodes, tasks, rule_judgements=None) -> dict:
+    """What the agent did, by the rule judge's yardstick whatever judge the reward uses (so an
+    outcome-only run is comparable): per tool episode, the share with a -1 and the mean count of
+    writes no gold action asks for and of transfers the gold actions do not make."""
+    idx = [i for i, ep in enumerate(episodes) if ep.mode != "math" and ep.agent_turns]
+    if not idx:
+        return {}
+    js = [rule_judgements[i] if rule_judgements and rule_judgements[i] is not None
+          else rule_judge.judge(tasks[i], episodes[i]) for i in idx]
+    return {"behaviour/rule_neg_rate": float(np.mean([-1 in j.scores for j in js])),
+            "behaviour/unrequested_writes": float(np.mean([j.meta["offences"].count("unrequested_write")
+                                                           for j in js])),
+            "behaviour/needless_transfers": float(np.mean([j.meta["offences"].count("transfer")
+                                                           for j in js]))}

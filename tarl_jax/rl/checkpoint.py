@@ -287,3 +287,27 @@ def load_flat(path, like: Any) -> tuple[Any, dict]:
                                  f"{ref.dtype}{list(ref.shape)}")
             out.append(jax.device_put(x, ref.sharding) if hasattr(ref, "sharding") else x)
     return jax.tree_util.tree_unflatten(treedef, out), meta
+
+
+def load_warm_start(config, params) -> tuple[Any, dict]:
+    """The policy `warmstart.init` holds (a file `--config.mode=warmstart` wrote; a bare name is
+    one shipped in tarl_jax/assets/warmstart/), refused if made for another model or world.
+
+    Args:
+      config: the run's config; params: a policy tree of the right shapes (values unused).
+    Returns:
+      (the file's params, its SFT figures with "init": the path).
+    """
+    path = warm_start_path(config.warmstart.init)
+    params, meta = load_flat(path, params)
+    want = warm_start_provenance(config)
+    got = {k: meta.get(k) for k in want}
+    if got != want:
+        diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+        raise ValueError(f"warmstart.init={path} was made for another setting ({diff}, as "
+                         "(file, this run)): remake it with --config.mode=warmstart, or set "
+                         "warmstart.init='' to warm-start here")
+    log.info("warm start: loaded %s (NLL %.3f after %d steps, %.0f s to make)", path,
+             meta["sft"]["nll_last"], meta.get("steps", meta["warmstart"]["steps"]),
+             meta["seconds"])
+    return params, {**meta["sft"], "init": str(path)}
