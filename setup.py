@@ -32,6 +32,9 @@ setup(
         "math-verify==0.9.0",
         # Sandbox tools served to external agents over the Model Context Protocol.
         "mcp==2.3.0",
+        # The OpenAI-compatible server's HTTP layer (serve.py); mcp needs them too.
+        "starlette>=0.40",
+        "uvicorn>=0.30",
         # RL curriculum: task datasets as TFDS builders written to array_record, read with grain
         # (neither needs TensorFlow). tensorflow-datasets 4.9.10 imports importlib_resources on
         # every Python but declares it only below 3.9.
