@@ -561,7 +561,7 @@ class ChatServer:
                              "choices": [{"index": 0, "message": message, "logprobs": None,
                                           "finish_reason": finish_reason(reason, message)}]})
 
-    async def _wait(self, req: Request, client: StarletteRequest | None = None, on_tokens=None):
+    async def _wait(self, req: Request, client: StarletteRequest | None = None):
         """The engine's finish reason once the reply is whole; None if the client left first
         (polled while waiting, so an abandoned request frees its row)."""
         while True:
@@ -572,12 +572,9 @@ class ChatServer:
                     req.cancelled = True
                     return None
                 continue
-            if kind == "tokens":
-                if on_tokens is not None:
-                    on_tokens(value)
-            elif kind == "done":
+            if kind == "done":
                 return value
-            else:
+            if kind == "error":
                 raise ApiError(500, value, kind="server_error")
 
     async def _stream(self, req: Request, head: dict, call_prefix: str, include_usage: bool):
