@@ -26,7 +26,9 @@ def get_config(arg: str | None = None):
     args = [a for a in (arg or "").split(",") if a]
     c = configlib.load(str(pathlib.Path(__file__).with_name("qwen3_8b_retail.py")),
                        ",".join(a for a in args if a != "noise") or None)
-    c.model.update(audio="hf", tokenizer="hf", preset="", dtype="bfloat16")
+    # preset: the decoder's shape where no checkpoint is read (launch.compile); runs take
+    # the shape and weights from model.hf_dir.
+    c.model.update(audio="hf", tokenizer="hf", preset="qwen2.5-7b", dtype="bfloat16")
     c.curriculum.update(warmup_steps=10, warmup_schedule="text", schedule="math,text,speech")
     c.speech.update(engine="openai", cache_dir="", max_items=1024)   # 7B: ~1 MB per utterance
     if "noise" in args:

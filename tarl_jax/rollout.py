@@ -251,11 +251,23 @@ class TeacherAgent:
 def run_batch(tasks: Sequence, run_one: Callable[[Any, Callable], Episode], sampler: Sampler,
               tokenizer: ChatTokenizer, cfg: DecodeConfig, rng: jax.Array,
               tool_view: Callable = compact_tools,
-              episode_ids: Sequence[int] | None = None, speech=None) -> tuple[list[Episode], dict]:
+              episode_ids: Sequence[int] | None = None, speech=None,
+              max_rows: int = 0) -> tuple[list[Episode], dict]:
     """Episodes for `tasks` (in order) with one lockstep engine; `run_one(task, agent)` runs
     one episode (e.g. run_episode with its env and user). `episode_ids` (default 0..n-1) seed
     each episode's sampling. `speech`: a SpeechView, the users speak (mode "speech").
+    max_rows > 0: at most that many episodes (cache rows) at once, in waves: the same episodes,
+    since a row's samples never depend on the others (rollout.max_rows: what fits a chip).
     Returns (episodes, stats)."""
+    episode_ids = list(range(len(tasks)) if episode_ids is None else episode_ids)
+    if max_rows and len(tasks) > max_rows:
+        episodes, stats = [], {"rounds": 0, "generated_tokens": 0}
+        for i in range(0, len(tasks), max_rows):
+            eps, st = run_batch(tasks[i:i + max_rows], run_one, sampler, tokenizer, cfg, rng,
+                                tool_view, episode_ids[i:i + max_rows], speech)
+            episodes += eps
+            stats = {k: stats[k] + st[k] for k in stats}
+        return episodes, stats
     engine = LockstepEngine(sampler, tokenizer, len(tasks), cfg, rng, episode_ids, speech)
 
     def one(slot_task):

@@ -42,7 +42,7 @@ class Demonstrations:
     def __init__(self, config, world, tok, tool_view, speech, audio_id, mesh, rules):
         self.c, self.speech, self.audio_id, self.mesh, self.rules = (
             config.warmstart, speech, audio_id, mesh, rules)
-        tasks, _ = distributed.host_share(world.train[:self.c.episodes or None])   # 0: all
+        tasks, _ = distributed.host_share(world.train[:self.c.episodes or None], even=False)
         episodes = limits_lib.expert_episodes(world, tok, tool_view, tasks, speech, max_steps=30)
         self.solved = [ep for ep in episodes if ep.reward >= 1]
         self.total = len(episodes)

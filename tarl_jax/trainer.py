@@ -220,7 +220,8 @@ class Trainer:
         ids = range(first_task * samples, first_task * samples + len(flat))
         return rollout.run_batch(flat, self.world.run_one, self.sampler, self.tok, cfg, rng,
                                  self.tool_view, episode_ids=list(ids),
-                                 speech=self.speech if speech else None)
+                                 speech=self.speech if speech else None,
+                                 max_rows=r.get("max_rows", 0))
 
     def evaluate(self, state, final: bool = False) -> dict:
         """pass^1 on the held-out tasks; with a model that hears, also with speaking users
@@ -239,7 +240,7 @@ class Trainer:
 
     def _eval_trials(self, state, samples: int, temperature: float, stream: int, speech: bool):
         """({task id: [reward per sample]}, [agent turns per episode]) over every host."""
-        tasks, first = distributed.host_share(self.world.eval)
+        tasks, first = distributed.host_share(self.world.eval, even=False)
         eps, _ = self.rollouts(state["params"], tasks, samples, temperature,
                                jax.random.fold_in(self.rng, stream), first, speech)
         trials: dict[str, list[float]] = {}

@@ -167,6 +167,16 @@ def test_two_hosts_get_disjoint_blocks_whose_union_is_the_single_host_batch():
         curriculum(n=3, process=0, count=2)
 
 
+def test_evaluation_tasks_split_unevenly_over_hosts_cover_each_task_once():
+    """115 tau-bench test tasks over 8 hosts: blocks of 15 and 14, in order, with their offsets."""
+    from tarl_jax import distributed
+    tasks = list(range(115))
+    parts = [distributed.host_share(tasks, p, 8, even=False) for p in range(8)]
+    assert [len(b) for b, _ in parts] == [15, 15, 15, 14, 14, 14, 14, 14]
+    assert sum((b for b, _ in parts), []) == tasks
+    assert all(b[0] == first for b, first in parts)
+
+
 def test_state_resumes_the_exact_sequence():
     a = curriculum("text*2,math,speech", warmup_steps=1, warmup_schedule="math")
     for s in range(5):

@@ -69,6 +69,19 @@ def test_same_seed_same_rollouts(setup):
     assert ids[0] == ids[1]
 
 
+def test_waves_of_max_rows_give_the_same_episodes(setup):
+    """rollout.max_rows: 4 episodes 2 rows at a time are the 4 episodes of one batch."""
+    world, tasks, tok, params, run_one = setup
+    cfg = rollout.DecodeConfig(max_turn_tokens=8, temperature=1.0)
+    runs = [rollout.run_batch(tasks[:4], run_one, Sampler(CFG, params, cache_len=2048), tok, cfg,
+                              jax.random.key(7), episode_ids=[5, 6, 7, 8], max_rows=rows)
+            for rows in (0, 2)]
+    streams = [[[t.token_ids for t in ep.agent_turns] for ep in eps] for eps, _ in runs]
+    assert streams[0] == streams[1] and all(streams[0])
+    assert runs[1][1]["generated_tokens"] == runs[0][1]["generated_tokens"]
+    assert runs[1][1]["rounds"] > runs[0][1]["rounds"]       # really in two waves
+
+
 def test_teacher_stream_equals_policy_format(setup):
     """Warm-start data: the expert's messages tokenised as a policy would generate them, and
     the prompts exactly as a rollout would feed them."""

@@ -24,6 +24,11 @@ PRESETS = {
     "qwen3-1.7b": DecoderConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
                                 num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
                                 qk_norm=True, tie_embeddings=True, model_type="qwen3"),
+    # Qwen2.5-7B, the Qwen2.5-Omni-7B thinker's decoder (launch.compile's shape for
+    # configs/omni_7b_speech.py when no checkpoint's config.json is at hand).
+    "qwen2.5-7b": DecoderConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
+                                qkv_bias=True, tie_embeddings=False, model_type="qwen2"),
     "qwen3-8b": DecoderConfig(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
                               num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
                               qk_norm=True, tie_embeddings=False, model_type="qwen3"),

@@ -191,8 +191,10 @@ def _loss(params, batch, model_cfg, cfg: StepConfig):
 
 
 def train_step(state: dict, batch: dict, rng: jax.Array, *, model_cfg, cfg: StepConfig,
-               optimizer) -> tuple[dict, dict]:
-    """Pure: the rng is folded with the step for any stochastic term (none by default)."""
+               optimizer, micro_sharding=None) -> tuple[dict, dict]:
+    """Pure: the rng is folded with the step for any stochastic term (none by default).
+    micro_sharding(ndim): where a microbatch slice's rows go (jit_train_step: over the batch
+    axes, as the whole batch's rows are)."""
     del rng  # no dropout in these models; the argument keeps the signature stable.
     m = cfg.microbatches
     grad_fn = jax.value_and_grad(_loss, has_aux=True)
@@ -203,6 +205,12 @@ def train_step(state: dict, batch: dict, rng: jax.Array, *, model_cfg, cfg: Step
         if rows % m:
             raise ValueError(f"batch rows {rows} not divisible by microbatches={m}")
         micro = jax.tree.map(lambda x: x.reshape((m, rows // m) + x.shape[1:]), batch)
+        if micro_sharding is not None:
+            # The reshape leaves the batch's sharding on the slice axis: each scanned slice would
+            # sit whole on a few chips (every chip computing every row of it: activations m x the
+            # sharded size). Spread each slice's rows over the batch axes instead.
+            micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+                x, micro_sharding(x.ndim)), micro)
 
         def body(acc, mb):
             (_, metr), g = grad_fn(state["params"], mb, model_cfg, cfg)
@@ -247,9 +255,13 @@ def batch_shardings(batch_keys, mesh, rules=sharding.DEFAULT_RULES) -> dict:
 def jit_train_step(model_cfg, cfg: StepConfig, optimizer, mesh, state_sh, batch_keys,
                    rules=sharding.DEFAULT_RULES):
     """The jitted step with explicit in/out shardings; the state is donated."""
-    fn = functools.partial(train_step, model_cfg=model_cfg, cfg=cfg, optimizer=optimizer)
+    rows_axes = nn.logical_to_mesh_axes(("batch",), list(rules))[0]
+    fn = functools.partial(
+        train_step, model_cfg=model_cfg, cfg=cfg, optimizer=optimizer,
+        micro_sharding=lambda ndim: jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(None, rows_axes, *([None] * (ndim - 2)))))
     b_sh = batch_shardings(batch_keys, mesh, rules)
-    return jax.jit(fn,
+    return jax.jit(sharding.in_logical_context(fn, mesh, rules),
                    in_shardings=(state_sh, b_sh, sharding.replicated(mesh)),
                    out_shardings=(state_sh, sharding.replicated(mesh)),
                    donate_argnums=(0,))
@@ -266,7 +278,8 @@ def make_score_fn(model_cfg, cfg: StepConfig, mesh, params_sh, batch_keys,
         logp, _, values = forward(model_cfg, params, batch, cfg)
         return logp, values
 
-    return jax.jit(score, in_shardings=(params_sh, b_sh), out_shardings=(out, out))
+    return jax.jit(sharding.in_logical_context(score, mesh, rules),
+                   in_shardings=(params_sh, b_sh), out_shardings=(out, out))
 
 
 def device_batch(arrays: dict, keys, mesh, rules=sharding.DEFAULT_RULES) -> dict:
