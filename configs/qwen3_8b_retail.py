@@ -27,13 +27,14 @@ def get_config(arg: str | None = None):
     c.user.update(kind="llm", model="gpt-4.1", temperature=1.0)
     c.judge.kind = "llm" if c.judge.kind == "rule" else c.judge.kind
     c.judge.llm.update(model="gpt-4.1", max_concurrency=32)
-    # Sized for a v5p-64 (32 chips, 8 hosts) by `python -m launch.compile` (README): each
-    # host samples 8 episodes at a time on one chip (a full policy replica + 8 rows of 12k cache:
-    # 84 GiB of 95 in prefill; 16 rows do not fit), and each microbatch gives every chip one
-    # row (128 rows / 4 = 32; set rl.microbatches = 128 / (data x fsdp) on other slices).
-    # 128 rows hold the step's 128 episodes whole at 12288 tokens.
+    # Sized for a v5p-64 (32 chips, 8 hosts) by `python -m launch.compile` (README): each host
+    # samples on its 4 chips (the policy and KV cache cut by heads), 32 episodes at a time
+    # (54 GiB of 95 in prefill), and each microbatch gives every chip one row (128 rows / 4 =
+    # 32; set rl.microbatches = 128 / (data x fsdp) on other slices). 128 rows hold the step's
+    # 128 episodes whole at 12288 tokens.
     c.rollout.update(tasks_per_step=32, samples_per_task=4, temperature=0.7, top_p=0.95,
-                     max_turn_tokens=1024, cache_len=4096 + 8192, eval_samples=4, max_rows=8)
+                     max_turn_tokens=1024, cache_len=4096 + 8192, eval_samples=4, max_rows=32,
+                     tensor=-1)
     c.rl.update(logprob_chunk=16384, microbatches=4)
     c.pack.update(seq_lens=(8192, 12288), rows=(128,))
     c.optim.update(lr=1e-6, critic_lr=1e-5, warmup_steps=5, schedule="constant")

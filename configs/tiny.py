@@ -82,10 +82,12 @@ def get_config(arg: str | None = None):
     # final_samples k > 0: the last evaluation also samples k episodes per held-out task at
     # `temperature` (pass^1/sampled, pass^k/sampled). max_rows > 0: a host samples at most that
     # many episodes (KV-cache rows) at once, in waves (same episodes; `python -m launch.compile`
-    # says what fits a chip); 0: all of its episodes at once.
+    # says what fits a chip); 0: all of its episodes at once. tensor: how many of a host's chips
+    # it samples on, the policy and its KV cache cut over them by heads (-1: all; 1: one chip
+    # holds a whole copy of the policy).
     c.rollout = dict(tasks_per_step=4, samples_per_task=4, temperature=1.0, top_p=1.0, top_k=0,
                      max_turn_tokens=48, cache_len=2048, eval_temperature=0.0, eval_samples=1,
-                     final_samples=0, infeasible="warn", max_rows=0)
+                     final_samples=0, infeasible="warn", max_rows=0, tensor=1)
     # llm.repeats > 1: judge each trajectory that many times (distinct seeds; temperature > 0),
     # reward the per-turn majority vote and log judge/repeat_* self-consistency metrics.
     c.judge = dict(kind=args.judge, llm=dict(base_url="", model="", max_concurrency=8,

@@ -4,6 +4,7 @@ before launch whether it fits each chip's HBM and what speed its shape allows.
   python -m launch.compile configs/qwen3_8b_retail.py --topology=v5p-64
   python -m launch.compile configs/omni_7b_speech.py --topology=v5p-128 --config.rl.microbatches=2
   python -m launch.compile configs/tiny.py --topology=v5e-4 --json=fit.json
+  python -m launch.compile configs/qwen3_8b_retail.py --topology=v5p-64 --only=decode --collectives
 
 --topology: an accelerator type (v4-16, v5p-64: TensorCores, two a chip; v5e-16, v6e-16:
 chips) or chips per dimension (v5p:2x4x4). Programs: the RL train step at every pack bucket
@@ -11,9 +12,10 @@ chips) or chips per dimension (v5p:2x4x4). Programs: the RL train step at every 
 values), the sampler's prefill and decode for rollouts and evaluation at the rollout cache
 length and the rows each host samples, and the audio encoder of speech configs. For each: bytes
 a chip holds (arguments, outputs, XLA temporaries, code, and what stays resident meanwhile, e.g.
-the train state beside the sampler) against the chip's HBM, and an estimated roofline time and
-MFU bound (tarl_jax/aot.py says how they are counted). Exit 1 when anything does not fit, naming
-the program, by how much, and the knobs that help; exit 2 for bad arguments or no libtpu.
+the train state beside the sampler) against the chip's HBM, an estimated roofline time and MFU
+bound (tarl_jax/aot.py says how they are counted), and its collectives (--collectives: each
+one, with the jax operation it serves). Exit 1 when anything does not fit, naming the program,
+by how much, and the knobs that help; exit 2 for bad arguments or no libtpu.
 
 No weights are read (shapes come from the preset, or from model.hf_dir's config.json when it
 exists). libtpu describes the chips: scripts/setup.sh installs it into .venv/libtpu, out of the
@@ -67,7 +69,8 @@ def model_shapes(config):
     return cfg, presets.audio(m.audio, cfg.hidden_size) if m.audio else None
 
 
-def report(results, chip, failures) -> str:
+def report(results, chip, failures, each: bool = False) -> str:
+    from tarl_jax import aot
     rows = [r.row(chip) for r in results]
     head = (f"{'program':34s} {'chips':>5s} {'args':>7s} {'out':>6s} {'temp':>7s} {'resid':>6s} "
             f"{'total':>7s} / {'HBM':<5s} {'TFLOP':>7s} {'est s':>8s} {'bound':>7s} {'MFU<=':>6s}")
@@ -87,8 +90,11 @@ def report(results, chip, failures) -> str:
                  "once: layers under scan, microbatches, decode steps):")
     for r in rows:
         if r["collectives"]:
+            totals = aot.collective_totals(r["collectives"])
             lines.append(f"  {r['program']}: " + ", ".join(
-                f"{k} {n} / {b / 2**20:.1f}" for k, (n, b) in sorted(r["collectives"].items())))
+                f"{k} {n} / {b / 2**20:.1f}" for k, (n, b) in sorted(totals.items())))
+            for o in r["collectives"] if each else ():
+                lines.append(f"      {o['kind']:18s} {o['shape']:32s} {o['op'][-100:]}")
     notes = sorted({r["note"] for r in rows if r["note"]})
     lines += [f"note: {n}" for n in notes] + failures
     return "\n".join(lines)
@@ -103,7 +109,10 @@ def main(argv=None) -> int:
     p.add_argument("--topology", required=True, help="v5p-64, v4-16, v5e-16, v5p:2x4x4 ...")
     p.add_argument("--only", default="", help="compile only programs whose name starts with "
                    "one of these (comma separated: rl_step,decode,...)")
-    p.add_argument("--json", default="", help="also write the rows to this file")
+    p.add_argument("--json", default="", help="also write the rows to this file (with every "
+                   "collective: kind, shape, bytes, the jax operation it serves)")
+    p.add_argument("--collectives", action="store_true",
+                   help="list every collective of each program, with the operation it serves")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -154,7 +163,7 @@ def main(argv=None) -> int:
             failures.append(f"DOES NOT FIT: {prog.name} needs {r.needed / 2**30:.1f} GiB a chip, "
                             f"{over:.1f} GiB over the {topo.chip.hbm_bytes / 2**30:.0f} GiB of a "
                             f"{topo.chip.name} chip; try {aot.advice(r, plan)}")
-    print(report(results, topo.chip, failures), flush=True)
+    print(report(results, topo.chip, failures, args.collectives), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({
             "config": args.config, "overrides": rest, "topology": topo.name, "chips": topo.chips,

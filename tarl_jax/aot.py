@@ -311,22 +311,24 @@ class Plan:
 
     # -- the sampler --------------------------------------------------------------------------
     def sampler_placement(self):
-        """(shardings of the policy params, of the cache, chips, note), as trainer.rollouts places
-        them: on several hosts each host samples on one chip of its own with a full replica of
-        the policy; on one host the params keep the train state's shardings and the cache is made
-        without one (XLA gives the uncommitted zeros to every chip)."""
-        params = self.state["params"]["policy"]
-        if self.hosts > 1:
-            one = SingleDeviceSharding(self.devs[0])
-            return (jax.tree.map(lambda _: one, params), one, 1,
-                    "a full replica of the policy on one chip per host (trainer.rollouts)")
-        return (jax.tree.map(lambda x: x.sharding, params), sharding.replicated(self.mesh),
-                len(self.devs), "params as trained, cache replicated on every chip")
+        """(shardings of the policy params, of the decode state, chips, note), as the trainer
+        places them (trainer.sampler_mesh): a copy of the policy on rollout.tensor of the first
+        host's chips, cut by heads."""
+        n = self.c.rollout.get("tensor", 1)
+        host = [d for d in self.devs if d.process_index == 0]
+        n = len(host) if n == -1 else n
+        mesh = sharding.make_mesh({"tensor": n}, host[:n])
+        params_sh, state_sh = sampler_lib.Sampler(self.cfg, None, mesh=mesh,
+                                                  rules=self.rules).shardings()
+        note = (f"rollouts: a copy of the policy on {n} chip(s) of each host, cut by heads "
+                "(rollout.tensor)")
+        return params_sh, state_sh, n, note
 
     def sampler(self) -> list[Program]:
         c, cfg = self.c, self.cfg
         r = c.rollout
-        p_sh, cache_sh, chips, note = self.sampler_placement()
+        p_sh, state_sh, chips, note = self.sampler_placement()
+        row_sh = state_sh.length
         params = _abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                         self.state["params"]["policy"]), p_sh)
         weights = per_chip_bytes(params)
@@ -337,20 +339,15 @@ class Plan:
         rollout_rows = min(math.ceil(r.tasks_per_step * r.samples_per_task / self.hosts), cap)
         eval_rows = min(math.ceil(c.world.eval_tasks * r.eval_samples / self.hosts), cap)
         for label, b in (("rollout", rollout_rows), ("eval", eval_rows)):
-            state = sampler_lib.DecodeState(
-                {"k": jax.ShapeDtypeStruct((cfg.num_layers, b, s, cfg.num_kv_heads, cfg.head_dim),
-                                           jnp.dtype(cfg.dtype), sharding=cache_sh),
-                 "v": jax.ShapeDtypeStruct((cfg.num_layers, b, s, cfg.num_kv_heads, cfg.head_dim),
-                                           jnp.dtype(cfg.dtype), sharding=cache_sh)},
-                jax.ShapeDtypeStruct((b,), jnp.int32, sharding=cache_sh),
-                jax.ShapeDtypeStruct((b, cfg.hidden_size), jnp.dtype(cfg.dtype), sharding=cache_sh))
+            state = _abstract(jax.eval_shape(lambda b=b: sampler_lib.init_state(cfg, b, s)),
+                              state_sh)
             cache = per_chip_bytes(state.cache)
             attn_tok = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * s   # a full window
             model = qwen.Decoder(cfg)
-            resident = self.state_bytes() if self.hosts > 1 else self.state_bytes() - weights
+            resident = self.state_bytes()
             w = min(bucket(s, 16), 1024)   # the largest block Sampler.append feeds (prefill_chunk)
-            prefill_args = (params, state, jax.ShapeDtypeStruct((b, w), jnp.int32, sharding=cache_sh),
-                            jax.ShapeDtypeStruct((b,), jnp.int32, sharding=cache_sh))
+            prefill_args = (params, state, jax.ShapeDtypeStruct((b, w), jnp.int32, sharding=row_sh),
+                            jax.ShapeDtypeStruct((b,), jnp.int32, sharding=row_sh))
             out.append(Program(
                 f"prefill[{label}] {b}x{w} of {s}",
                 lambda a=prefill_args, m=model: sampler_lib._append_jit.lower(
@@ -359,11 +356,11 @@ class Plan:
                 weights + cache, chips,
                 resident=resident, note=note))
             steps = bucket(r.max_turn_tokens, 16)
-            row = lambda dt: jax.ShapeDtypeStruct((b,), dt, sharding=cache_sh)
+            row = lambda dt: jax.ShapeDtypeStruct((b,), dt, sharding=row_sh)
             decode_args = (params, state, jax.ShapeDtypeStruct((b,), jax.random.key(0).dtype,
-                                                               sharding=cache_sh),
+                                                               sharding=row_sh),
                            row(jnp.float32), row(jnp.float32), row(jnp.int32),
-                           jax.ShapeDtypeStruct((b, 4), jnp.int32, sharding=cache_sh),
+                           jax.ShapeDtypeStruct((b, 4), jnp.int32, sharding=row_sh),
                            row(jnp.int32), row(jnp.float32), -1)
             truncate = r.top_p < 1 or r.top_k > 0
             out.append(Program(
@@ -386,7 +383,8 @@ class Plan:
                               jax.eval_shape(lambda: nn.unbox(audio_lib.boxed_params(
                                   a, jax.random.key(0)))))
         r = self.c.rollout
-        chunks = bucket(4 * math.ceil(r.tasks_per_step * r.samples_per_task / self.hosts))
+        rows = math.ceil(r.tasks_per_step * r.samples_per_task / self.hosts)
+        chunks = bucket(4 * min(rows, r.get("max_rows", 0) or rows))   # a wave's utterances
         mel = jax.ShapeDtypeStruct((chunks, a.num_mel_bins, a.window), jnp.float32, sharding=one)
         lens = jax.ShapeDtypeStruct((chunks,), jnp.int32, sharding=one)
         frames = chunks * a.window // 2
@@ -415,7 +413,7 @@ class Result:
     code: int = 0
     needed: float = 0.0          # bytes a chip needs (when XLA refused: its own figure)
     error: str = ""
-    collectives: dict = dataclasses.field(default_factory=dict)
+    collectives: list = dataclasses.field(default_factory=list)
 
     def row(self, chip: Chip) -> dict:
         p = self.program
@@ -436,21 +434,37 @@ class Result:
 _COLLECTIVE = re.compile(r"= (\(?[a-z0-9]+\[[\d,]*\][^=]*?) (all-gather|all-reduce|reduce-scatter|"
                          r"all-to-all|collective-permute)(?:-start)?\(")
 _ARRAY = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
 
 
-def collectives(hlo: str) -> dict[str, list]:
-    """{kind: [ops, bytes of their results]} over the optimised HLO's text. A loop body (scanned
-    layers, microbatches, decode steps) appears once: multiply by its trip count for a call."""
-    out: dict[str, list] = {}
-    for shapes, kind in _COLLECTIVE.findall(hlo):
+def collectives(hlo: str) -> list[dict]:
+    """Every collective of the optimised HLO's text: {kind, shape, bytes (of its result), op (the
+    jax operation it serves, from the HLO metadata)}. A loop body (scanned layers, microbatches,
+    decode steps) appears once: multiply by its trip count for a call."""
+    out = []
+    for line in hlo.splitlines():
+        m = _COLLECTIVE.search(line)
+        if not m:
+            continue
+        shapes, kind = m.groups()
         size = 0
         for dtype, dims in _ARRAY.findall(shapes):
             n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
             size += n * (1 if dtype in ("pred", "s8", "u8") else
                          int(re.sub(r"\D", "", dtype) or 32) // 8)
-        got = out.setdefault(kind, [0, 0])
+        op = _OP_NAME.search(line)
+        out.append({"kind": kind, "shape": shapes.split("{")[0].strip("( "), "bytes": size,
+                    "op": op.group(1) if op else ""})
+    return out
+
+
+def collective_totals(ops: list[dict]) -> dict[str, list]:
+    """{kind: [ops, bytes]}."""
+    out: dict[str, list] = {}
+    for o in ops:
+        got = out.setdefault(o["kind"], [0, 0])
         got[0] += 1
-        got[1] += size
+        got[1] += o["bytes"]
     return out
 
 

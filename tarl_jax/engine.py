@@ -39,8 +39,7 @@ class Rows:
 
     def __init__(self, sampler: sampler_lib.Sampler, batch: int, empty: bool = True):
         self.sampler, self.batch = sampler, batch
-        self.state = sampler_lib.init_state(sampler.cfg, batch, sampler.cache_len,
-                                            sampler.cache_dtype) if empty else None
+        self.state = sampler.empty_state(batch) if empty else None
 
     def lengths(self) -> list[int]:
         """Tokens each row holds (the position its next token takes)."""

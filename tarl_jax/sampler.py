@@ -203,14 +203,42 @@ class Sampler:
 
     def __init__(self, cfg: qwen.DecoderConfig, params, *, cache_len: int = 4096, cache_dtype=None,
                  logprobs: str = "tempered", prefill_chunk: int = 1024, min_bucket: int = 16,
-                 audio_token_id: int | None = None, min_kv_window: int = 512):
+                 audio_token_id: int | None = None, min_kv_window: int = 512, mesh=None,
+                 rules=None):
         if logprobs not in LOGPROB_MODES:
             raise ValueError(f"logprobs={logprobs!r}: choose one of {LOGPROB_MODES}")
         self.cfg, self.params, self.cache_len, self.cache_dtype = cfg, params, cache_len, cache_dtype
+        # mesh: the devices the cache lives on, cut by `rules` (batch over data/fsdp, KV heads
+        # over tensor); the params are placed by the caller (`place`). None: the default device.
+        self.mesh, self.rules = mesh, rules
         self.logprobs, self.prefill_chunk, self.min_bucket = logprobs, prefill_chunk, min_bucket
         self.audio_token_id = audio_token_id   # the Omni thinker's <|AUDIO|>; None: text only
         self.model = qwen.Decoder(cfg)
         self.min_kv_window = min_kv_window
+
+    def shardings(self):
+        """(params', cache state's) shardings on the sampler's mesh; None without one."""
+        if self.mesh is None:
+            return None
+        from tarl_jax import sharding
+        rules = sharding.DEFAULT_RULES if self.rules is None else self.rules
+        row = sharding.spec(self.mesh, "batch", rules=rules)
+        state = DecodeState({"k": sharding.spec(self.mesh, *qwen.CACHE_AXES, rules=rules),
+                             "v": sharding.spec(self.mesh, *qwen.CACHE_AXES, rules=rules)},
+                            row, sharding.spec(self.mesh, "batch", "embed", rules=rules))
+        params = sharding.logical_sharding(qwen.logical_axes(self.cfg), self.mesh, rules)
+        return params, state
+
+    def place(self, params) -> None:
+        """Act with `params` from now on, moved onto the sampler's mesh (if any)."""
+        sh = self.shardings()
+        self.params = params if sh is None else jax.device_put(params, sh[0])
+
+    def empty_state(self, batch: int) -> DecodeState:
+        """`batch` empty rows of cache, on the sampler's mesh."""
+        state = init_state(self.cfg, batch, self.cache_len, self.cache_dtype)
+        sh = self.shardings()
+        return state if sh is None else jax.device_put(state, sh[1])
 
     def _model(self, end: int) -> qwen.Decoder:
         """The decoder for a call whose rows all end before position `end`: it attends to the
@@ -227,8 +255,7 @@ class Sampler:
         too_long = [(b, len(p)) for b, p in enumerate(prompts) if len(p) > self.cache_len]
         if too_long:
             raise ValueError(f"prompts: (row, length) {too_long} exceed cache_len={self.cache_len}")
-        state = init_state(self.cfg, len(prompts), self.cache_len, self.cache_dtype)
-        return self.append(state, prompts, audio)
+        return self.append(self.empty_state(len(prompts)), prompts, audio)
 
     def append(self, state: DecodeState, new_tokens: Sequence[Sequence[int]],
                audio=None) -> DecodeState:

@@ -66,6 +66,7 @@ from starlette.routing import Route
 
 from tarl_jax import engine as engine_lib
 from tarl_jax import sampler as sampler_lib
+from tarl_jax import sharding
 from tarl_jax.models import qwen
 from tarl_jax.models import tokenizer as tokenizer_lib
 
@@ -637,12 +638,15 @@ def _prompt_chars(body: Any) -> int:
 def build(tok, cfg: qwen.DecoderConfig, params, *, model_name: str = "tarl", batch: int = 8,
           cache_len: int = 4096, chunk: int = 16, refill_wait_s: float = 0.01,
           host: str = "127.0.0.1", port: int = 8000, enable_thinking: bool = True,
-          max_tokens: int | None = None, **limits) -> ChatServer:
+          max_tokens: int | None = None, tensor: int = 1, **limits) -> ChatServer:
     """A ChatServer over a fresh Engine; `limits`: ChatServer's api_key, max_body_bytes,
-    idle_timeout_s."""
+    idle_timeout_s. tensor: devices of this host the weights and KV cache are cut over, by
+    heads (-1: all)."""
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens}: must be >= 1 (or None: the rest of the cache)")
-    sampler = sampler_lib.Sampler(cfg, params, cache_len=cache_len)
+    sampler = sampler_lib.Sampler(cfg, None, cache_len=cache_len,
+                                  mesh=sharding.local_tensor_mesh(tensor))
+    sampler.place(params)
     return ChatServer(Engine(sampler, tok.stop_ids, batch, chunk, refill_wait_s), tok, model_name,
                       host, port, enable_thinking, max_tokens, **limits)
 
@@ -675,6 +679,8 @@ def main(argv=None):
     ap.add_argument("--model-name", default="tarl")
     ap.add_argument("--batch", type=int, default=8, help="rows decoded together")
     ap.add_argument("--cache-len", type=int, default=4096, help="prompt + reply tokens per row")
+    ap.add_argument("--tensor", type=int, default=1,
+                    help="devices the weights and KV cache are cut over, by heads (-1: all)")
     ap.add_argument("--chunk", type=int, default=16, help="tokens decoded between admissions")
     ap.add_argument("--refill-wait-ms", type=float, default=10.0,
                     help="after replies go out, wait this long for new requests to fill rows")
@@ -697,7 +703,7 @@ def main(argv=None):
                    refill_wait_s=args.refill_wait_ms / 1000, host=args.host, port=args.port,
                    enable_thinking=args.enable_thinking, max_tokens=args.max_tokens,
                    api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2 ** 20),
-                   idle_timeout_s=args.idle_timeout_s)
+                   idle_timeout_s=args.idle_timeout_s, tensor=args.tensor)
     log.info("serving %r (%.1fM params) at %s", args.model_name, qwen.num_params(params) / 1e6,
              server.url)
     try:

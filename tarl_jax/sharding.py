@@ -63,6 +63,17 @@ def make_mesh(spec: Mapping[str, int] | None = None, devices: Sequence[Any] | No
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
+def local_tensor_mesh(tensor: int) -> Mesh:
+    """`tensor` of this host's own devices (-1: all) on the tensor axis: where a host samples
+    (rollouts, the server), the policy's heads, MLP and vocabulary and its KV cache's heads cut
+    over them (1: one device holds a whole copy)."""
+    local = jax.local_devices()
+    n = len(local) if tensor == -1 else tensor
+    if not 1 <= n <= len(local):
+        raise ValueError(f"tensor={tensor}: this host has {len(local)} devices")
+    return make_mesh({"tensor": n}, local[:n])
+
+
 def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
     """Rules from config: a sequence of (logical, mesh axis | [mesh axes] | None) pairs."""
     if rules is None:

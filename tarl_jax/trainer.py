@@ -96,7 +96,8 @@ class Trainer:
         self.ckpt = ckpt_lib.Checkpointer.for_workdir(self.workdir, save_every=c.checkpoint_every)
         self.rng = jax.random.key(c.seed)
         self.sampler = Sampler(self.model_cfg, params, cache_len=c.rollout.cache_len,
-                               audio_token_id=self.audio_id)
+                               audio_token_id=self.audio_id, rules=self.rules,
+                               mesh=sharding.local_tensor_mesh(c.rollout.get("tensor", 1)))
         self._initial_params = params
 
     # -- state ---------------------------------------------------------------------------
@@ -205,12 +206,14 @@ class Trainer:
                              "(e.g. configs/tiny_speech.py)")
         params = step_lib.acting_params(params)
         if jax.process_count() > 1:
-            # Each host samples its own episodes on its own devices: a full local replica of
-            # the policy (the train-step params are sharded across hosts).
+            # Each host samples its own episodes on its own devices: a whole local copy of the
+            # policy (the train-step params are sharded across hosts), cut over
+            # rollout.tensor of its chips.
             from jax.experimental import multihost_utils
-            params = jax.device_put(multihost_utils.process_allgather(params, tiled=True),
-                                    jax.local_devices()[0])
-        self.sampler.params = params["policy"]
+            params = multihost_utils.process_allgather(params, tiled=True)
+            if "audio" in params:
+                params["audio"] = jax.device_put(params["audio"], jax.local_devices()[0])
+        self.sampler.place(params["policy"])
         if "audio" in params:
             self.speech.set_encoder(params["audio"])
         r = self.config.rollout

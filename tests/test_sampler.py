@@ -185,3 +185,43 @@ def test_sample_logits_matches_softmax_distribution():
     assert chi2(1.0, 0.8, 0, top3) < 30
     # The bound is falsifiable: sampling at T=1 is rejected as a draw from T=0.7.
     assert chi2(1.0, 1.0, 0, everything, expected_temperature=0.7) > 30
+
+
+SHARDED = """
+import jax, numpy as np
+from tarl_jax import sampler as S, sharding
+from tarl_jax.models import presets, qwen
+assert len(jax.devices()) == 8
+cfg = presets.get("tiny")
+params = qwen.init_params(cfg, jax.random.key(0))
+prompts = [[5, 17, 3, 9], list(range(40, 70)), [7] * 12]
+runs = []
+for n in (1, 2):
+    s = S.Sampler(cfg, None, cache_len=128, prefill_chunk=16,
+                  mesh=sharding.make_mesh({"tensor": n}, jax.devices()[:n]))
+    s.place(params)
+    state = s.start(prompts)
+    state, first = s.decode(state, max_new_tokens=12, temperature=1.0, seed=3)
+    state = s.append(state, [[11, 12], [], [13] * 20])          # a turn appended to live rows
+    state, second = s.decode(state, max_new_tokens=12, temperature=0.7, top_p=0.9, seed=4)
+    spec = state.cache["k"].sharding.spec
+    wq = s.params["layers_0"]["attn"]["q"]
+    print("n", n, "cache spec", spec, "q devices", len(wq.sharding.device_set))
+    assert len(wq.sharding.device_set) == n and len(state.cache["k"].sharding.device_set) == n
+    if n == 2:
+        assert spec[3] == "tensor", spec                        # KV heads cut over the chips
+    runs.append([(c.tokens, c.logprobs) for c in first + second])
+for (t1, l1), (t2, l2) in zip(*runs):
+    assert t1 == t2, (t1, t2)
+    np.testing.assert_allclose(l1, l2, atol=2e-5)
+print("SAME")
+"""
+
+
+def test_sampler_cut_over_two_devices_samples_what_one_does():
+    """rollout.tensor: the policy and its KV cache cut by heads over 2 of 8 simulated devices
+    sample the same tokens (log-probs within float32 rounding) as one device, across a multi-
+    turn append."""
+    from tests.devices import run_with_devices
+    out = run_with_devices(SHARDED)
+    assert out.returncode == 0 and "SAME" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]

@@ -398,3 +398,43 @@ def test_a_client_that_leaves_frees_its_request():
 
     reason, req = asyncio.run(go())
     assert reason is None and req.cancelled
+
+
+SHARDED_SERVER = """
+import json, urllib.request
+import jax
+from tarl_jax import serve
+from tarl_jax.models import presets, qwen
+from tarl_jax.models.tokenizer import ChatTokenizer, tiny_tokenizer_dir
+assert len(jax.devices()) == 8
+tok, cfg = ChatTokenizer(tiny_tokenizer_dir()), presets.get("tiny")
+params = qwen.init_params(cfg, jax.random.key(0))
+replies = []
+for tensor in (1, 2):
+    srv = serve.build(tok, cfg, params, cache_len=256, batch=2, port=0, tensor=tensor,
+                      enable_thinking=False).start()
+    try:
+        assert len(srv.engine.sampler.params["embedding"].sharding.device_set) == tensor
+        got = []
+        for seed, temp in ((0, 0.0), (5, 1.0)):
+            body = json.dumps({"model": "tarl", "max_tokens": 24, "temperature": temp, "seed": seed,
+                               "messages": [{"role": "user", "content": "Where is order #W12?"}]})
+            req = urllib.request.Request(srv.url + "/chat/completions", body.encode(),
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                out = json.loads(r.read())
+            got.append((out["choices"][0]["message"], out["usage"]))
+        replies.append(got)
+    finally:
+        srv.close()
+assert replies[0] == replies[1], replies
+assert all(usage["completion_tokens"] > 0 for _, usage in replies[0]), replies
+print("SAME", replies[0][1][1])
+"""
+
+
+def test_server_with_weights_cut_over_two_devices_replies_as_one_device():
+    """--tensor 2 of 8 simulated devices: the same replies (greedy and seeded) as one device."""
+    from tests.devices import run_with_devices
+    out = run_with_devices(SHARDED_SERVER)
+    assert out.returncode == 0 and "SAME" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
