@@ -138,18 +138,23 @@ def matmul_params(cfg: qwen.DecoderConfig) -> tuple[int, int]:
 
 def train_flops(cfg: qwen.DecoderConfig, rows: int, t: int, scored: int) -> tuple[float, float]:
     """(model FLOPs, executed FLOPs) of one update on [rows, t]: 6 x weights x tokens, the
-    vocabulary projection at `scored` positions a row, and attention as PaLM's MFU counts it
-    (QK and PV over every pair of a row: what the kernel computes, causal or not). Executed
-    adds what remat and blocked attention recompute in the backward pass (rematerialised dots
-    count again; elementwise ops are not counted)."""
+    vocabulary projection at `scored` positions a row, and causal attention (QK and PV over the
+    pairs a query may see, half the square; packed segments see fewer: a bound). Executed counts
+    what the program computes: the whole square without attn_chunk, the blocks up to the
+    diagonal with it ((n + 1) / 2n of the square for n blocks), plus what remat and blocked
+    attention recompute in the backward pass (rematerialised dots count again; elementwise ops
+    are not counted)."""
     body, head = matmul_params(cfg)
-    attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * t * t * rows   # fwd QK + PV
-    fwd = 2 * body * rows * t + 2 * head * rows * scored + attn
-    model = 3 * fwd
-    again = {"full": fwd, "dots": 0.0, "dots_no_batch": 0.0}.get(cfg.remat, 0.0)
-    if cfg.attn_chunk and cfg.remat not in ("full",):
-        again += attn
-    return model, model + again
+    square = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * t * t * rows   # fwd QK + PV
+    n = t // cfg.attn_chunk if 0 < cfg.attn_chunk < t and t % cfg.attn_chunk == 0 else 1
+    attn = square * (n + 1) / (2 * n)
+    dense = 2 * body * rows * t + 2 * head * rows * scored
+    model = 3 * (dense + square / 2)
+    fwd = dense + attn
+    executed = 3 * fwd + {"full": fwd}.get(cfg.remat, 0.0)
+    if n > 1 and cfg.remat != "full":
+        executed += attn        # each block is rematerialised in the backward pass
+    return model, executed
 
 
 def per_chip_bytes(tree) -> int:

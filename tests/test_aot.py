@@ -49,12 +49,14 @@ def test_topology_names_give_cloud_tpu_slice_shapes():
             aot.parse_topology(bad)
 
 
-def test_train_flops_count_matches_xla_on_a_loop_free_program():
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_train_flops_count_matches_xla_on_a_loop_free_program(chunk):
     """The analytic count the roofline uses equals XLA's own count where XLA can count (no
     scanned layers, one microbatch: cost_analysis counts a loop body once), on a model wide
     enough that matmuls dominate, as they do at real sizes."""
     cfg = qwen.DecoderConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_layers=2,
-                             num_heads=4, num_kv_heads=2, head_dim=64, qk_norm=True)
+                             num_heads=4, num_kv_heads=2, head_dim=64, qk_norm=True,
+                             attn_chunk=chunk)   # 16: 4 query blocks, unrolled (no loop)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     opt = step_lib.make_optimizer(1e-3)
     keys = step_lib.BATCH_KEYS
@@ -67,9 +69,9 @@ def test_train_flops_count_matches_xla_on_a_loop_free_program():
     batch = aot.batch_shapes(keys, rows, t, t, cfg.hidden_size)
     xla = fn.lower(state, batch, jax.random.key(0)).compile().cost_analysis()["flops"]
     model, executed = aot.train_flops(cfg, rows, t, t)
-    assert model == executed
+    assert model < executed        # the whole square is computed; causal attention needs half
     # XLA adds the elementwise work (norms, softmax, Adam) the count leaves out: a few percent.
-    assert 1.0 <= xla / model < 1.08, xla / model
+    assert 1.0 <= xla / executed < 1.08, xla / executed
 
 
 def test_reported_bytes_follow_the_parameter_count_and_fsdp(tmp_path, libtpu):

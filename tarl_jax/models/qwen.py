@@ -167,23 +167,28 @@ def _attend(qg, k, v, mask, dt):
 
 
 def _chunked_attention(qg, k, v, positions, segment_ids, chunk, dt):
-    """Uncached attention one query block at a time (lax.map), each block under jax.checkpoint:
-    peak score memory is one block's, forward and backward. Same mask as `attention_mask`."""
+    """Uncached attention one query block at a time, each block under jax.checkpoint: peak score
+    memory is one block's, forward and backward. Block i reads keys [0, (i + 1) * chunk) only:
+    the rest are hidden by causality, so a row of n blocks costs (n + 1) / 2n of the scores
+    the full square would. Same mask as `attention_mask` (the blocks are unrolled: their key
+    lengths differ)."""
     b, t = qg.shape[:2]
-    n = t // chunk
-    blocks = lambda x: jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
     seg = segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32)
+    out = []
+    for start in range(0, t, chunk):
+        end = start + chunk
 
-    @jax.checkpoint
-    def one(args):
-        q_blk, seg_blk, start = args
-        rows = start + jnp.arange(chunk)
-        mask = rows[:, None] >= jnp.arange(t)[None, :]                      # causal by index
-        mask = mask[None] & (seg_blk[:, :, None] == seg[:, None, :]) & (seg_blk[:, :, None] != 0)
-        return _attend(q_blk, k, v, mask[:, None, None], dt)
+        @jax.checkpoint
+        def one(q_blk, seg_blk, k_vis, v_vis, seg_vis, start=start, end=end):
+            rows = start + jnp.arange(chunk)
+            mask = rows[:, None] >= jnp.arange(end)[None, :]                 # causal by index
+            mask = mask[None] & (seg_blk[:, :, None] == seg_vis[:, None, :]) \
+                & (seg_blk[:, :, None] != 0)
+            return _attend(q_blk, k_vis, v_vis, mask[:, None, None], dt)
 
-    out = jax.lax.map(one, (blocks(qg), blocks(seg), jnp.arange(n) * chunk))
-    return jnp.moveaxis(out, 0, 1).reshape(qg.shape)
+        out.append(one(qg[:, start:end], seg[:, start:end], k[:, :end], v[:, :end],
+                       seg[:, :end]))
+    return jnp.concatenate(out, axis=1)
 
 
 class Attention(nn.Module):
