@@ -55,9 +55,13 @@ class Demonstrations:
         c = self.c
         per_step = (c.get("dialogues", 0) or c.batch_rows) // jax.process_count()
         pick = rng.choice(len(self.solved), size=min(per_step, len(self.solved)), replace=False)
+        # batch_rows rows as a rule; a draw of long dialogues that needs more gets one row each
+        # (a second compiled shape, used only then: level 1's 8 dialogues of up to 3.4k tokens
+        # in 4 x 4096 rows).
+        rows = (c.batch_rows, max(c.batch_rows, c.get("dialogues", 0)))
         batch = batch_lib.pack_agreed([self.solved[j] for j in pick],
                                       np.ones(len(pick), np.float32), (c.seq_len,),
-                                      (c.batch_rows,), "truncate", audio=self.speech,
+                                      rows, "truncate", audio=self.speech,
                                       audio_token_id=self.audio_id or -1)
         if not batch.stats["policy_tokens"]:
             log.warning("SFT update %d: no assistant token within warmstart.seq_len=%d (the "
