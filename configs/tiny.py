@@ -145,7 +145,7 @@ def get_config(arg: str | None = None):
         c.pack.seq_lens = (cache // 2, cache)
         # Level 1: 8 whole dialogues (~11k tokens) packed into 4 rows of 4096 an update.
         c.warmstart.update(seq_len=cache, batch_rows=4, dialogues=8 if level == 1 else 0)
-        # Query blocks that skip the keys causality hides: 2.3x faster updates on 4 x 4096
+        # Query blocks that skip the keys causality hides: 2.0x faster updates on 4 x 4096
         # rows than the full square (python -m tarl_jax.bench.attention; README).
         c.model.attn_chunk = 512
     if args.taubench:

@@ -140,19 +140,18 @@ def train_flops(cfg: qwen.DecoderConfig, rows: int, t: int, scored: int) -> tupl
     """(model FLOPs, executed FLOPs) of one update on [rows, t]: 6 x weights x tokens, the
     vocabulary projection at `scored` positions a row, and causal attention (QK and PV over the
     pairs a query may see, half the square; packed segments see fewer: a bound). Executed counts
-    what the program computes: the whole square without attn_chunk, the blocks up to the
-    diagonal with it ((n + 1) / 2n of the square for n blocks), plus what remat and blocked
-    attention recompute in the backward pass (rematerialised dots count again; elementwise ops
-    are not counted)."""
+    what the program computes: the whole square without attn_chunk, `qwen.score_fraction` of
+    it with, plus what remat and blocked attention recompute in the backward pass
+    (rematerialised dots count again; elementwise ops are not counted)."""
     body, head = matmul_params(cfg)
     square = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * t * t * rows   # fwd QK + PV
-    n = t // cfg.attn_chunk if 0 < cfg.attn_chunk < t and t % cfg.attn_chunk == 0 else 1
-    attn = square * (n + 1) / (2 * n)
+    attn = square * qwen.score_fraction(t, cfg.attn_chunk)
+    blocked = attn < square
     dense = 2 * body * rows * t + 2 * head * rows * scored
     model = 3 * (dense + square / 2)
     fwd = dense + attn
     executed = 3 * fwd + {"full": fwd}.get(cfg.remat, 0.0)
-    if n > 1 and cfg.remat != "full":
+    if blocked and cfg.remat != "full":
         executed += attn        # each block is rematerialised in the backward pass
     return model, executed
 

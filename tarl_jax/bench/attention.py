@@ -1,5 +1,6 @@
 """Training attention on long packed rows: the full square (attn_chunk=0) against query blocks
-that read only the keys causality lets them see (attn_chunk=C), in one jitted SFT update.
+whose groups read only the keys causality lets them see (attn_chunk=C), in one jitted SFT
+update.
 
     python -m tarl_jax.bench.attention [--shape tiny] [--rows 4] [--seq 4096] [--chunks 512,1024]
         [--segment 1400] [--rounds 5]
@@ -86,7 +87,7 @@ def main(argv=None):
             cpus.append(time.process_time() - c0)
             v[2] = state
     full_w, full_c = min(variants[0][3]), min(variants[0][4])
-    n_scores = {c: 1.0 if not c else (args.seq // c + 1) / (2 * (args.seq // c)) for c in chunks}
+    n_scores = {c: qwen.score_fraction(args.seq, c) for c in chunks}
     print(f"\n{args.shape}, {args.rows} x {args.seq} rows, segments ~{args.segment}: one SFT update")
     print(f"{'attn_chunk':>10s} {'scores':>7s} {'best wall s':>12s} {'best CPU s':>11s} "
           f"{'wall vs full':>13s} {'CPU vs full':>12s}")
