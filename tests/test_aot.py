@@ -157,3 +157,15 @@ def test_pod_configs_load_and_split_over_the_documented_slice(config):
     assert aot.checks(c, aot.parse_topology("v5p-64")) == []
     # 64 chips: a 32-row microbatch leaves half of them idle (set rl.microbatches=2 there).
     assert aot.checks(c, aot.parse_topology("v5p-128"))
+
+
+def test_ppo_scoring_and_warm_start_programs_compile(tmp_path, libtpu):
+    """Every program kind a run executes compiles for a topology: PPO's step (critic keys), the
+    scoring pass (reference log-probs, critic values) and the warm start's step."""
+    proc, fit = compile_run(tmp_path, "configs/tiny.py:runlocal,algo=ppo", "--topology=v5e-4",
+                            "--only=score,warmstart,rl_step", "--config.pack.rows=(4,)",
+                            "--config.pack.seq_lens=(256,)", "--config.rl.kl_coef=0.01")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    names = [p["program"] for p in fit["programs"]]
+    assert names == ["rl_step 4x256", "warmstart_step 8x1024", "score 4x256"], names
+    assert all(p["fits"] and p["argument_gib"] > 0 for p in fit["programs"])
