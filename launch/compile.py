@@ -162,7 +162,7 @@ def main(argv=None) -> int:
             over = (r.needed - topo.chip.hbm_bytes) / 2**30
             failures.append(f"DOES NOT FIT: {prog.name} needs {r.needed / 2**30:.1f} GiB a chip, "
                             f"{over:.1f} GiB over the {topo.chip.hbm_bytes / 2**30:.0f} GiB of a "
-                            f"{topo.chip.name} chip; try {aot.advice(r, plan)}")
+                            f"{topo.chip.name} chip; try {aot.advice(r)}")
     print(report(results, topo.chip, failures, args.collectives), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({

@@ -498,7 +498,7 @@ def compile_one(p: Program, chip: Chip) -> Result:
     return r
 
 
-def advice(r: Result, plan: Plan) -> str:
+def advice(r: Result) -> str:
     """Which knob helps the program that does not fit."""
     name = r.program.name
     if name.startswith(("rl_step", "warmstart", "score")):

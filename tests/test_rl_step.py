@@ -1,8 +1,5 @@
 """The jitted train step: log-probs, accumulation, PPO critic, 8-device sharding == 1 device."""
 import dataclasses
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -115,11 +112,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_step_equals_single_device():
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", PYTHONPATH=repo)
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=repo)
+    from tests.devices import run_with_devices
+    out = run_with_devices(SCRIPT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert out.stdout.count("max param diff") == 2
 
