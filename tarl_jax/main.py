@@ -10,6 +10,7 @@ command; `--multihost` initialises JAX's multi-controller runtime first.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import sys
 
@@ -80,9 +81,11 @@ def main(argv):
         try:
             _, meta = t.run()
         except (FloatingPointError, checkpoint.CheckpointWriteError) as e:
-            # non-finite updates (rl.max_nonfinite), a full disk: one clear line, exit 1
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+            # non-finite updates (rl.max_nonfinite), a full disk: one clear line, exit 1. The
+            # trainer has closed its files; exiting now keeps the line last, where a failed
+            # writer's threads and asyncio tasks would otherwise print their tracebacks after it.
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            os._exit(1)
         if jax.process_index() == 0:
             from tarl_jax import metrics
             print(metrics.summary(meta, t.workdir), flush=True)

@@ -31,6 +31,13 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the message says which step, where and why."""
 
 
+def _not_an_orbax_error(record: logging.LogRecord) -> bool:
+    # Orbax's writer threads log a failure with whole tracebacks from each thread it passes
+    # through (hundreds of lines for one full disk) and then hand the same exception to
+    # check_for_errors / wait_until_finished / restore, where this module reports it in a line.
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
 class Checkpointer:
     """Rotating train-state checkpoints (`<workdir>/checkpoints/<step>/{state,meta}`)."""
 
@@ -46,6 +53,9 @@ class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int = 3, save_every: int = 1):
         self.directory = os.path.abspath(directory)
         self._in_flight, self._failed = None, False
+        absl = logging.getLogger("absl")
+        if _not_an_orbax_error not in absl.filters:
+            absl.addFilter(_not_an_orbax_error)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
