@@ -35,6 +35,9 @@ setup(
         # The OpenAI-compatible server's HTTP layer (serve.py); mcp needs them too.
         "starlette>=0.40",
         "uvicorn>=0.30",
+        # The server's structured outputs (constrain.py): JSON-schema and Lark grammars as
+        # token masks.
+        "llguidance>=1.9,<2",
         # RL curriculum: task datasets as TFDS builders written to array_record, read with grain
         # (neither needs TensorFlow). tensorflow-datasets 4.9.10 imports importlib_resources on
         # every Python but declares it only below 3.9.
@@ -45,7 +48,7 @@ setup(
     ],
     extras_require={
         # torch is the numerical reference only; pinned because an unpinned torch pulls a CUDA build.
-        "test": ["pytest>=8", "hypothesis>=6", "torch==2.13.0",
+        "test": ["pytest>=8", "hypothesis>=6", "torch==2.13.0", "jsonschema>=4.20",
                  # the Colab notebooks are executed by the suite
                  "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
     },

@@ -112,11 +112,14 @@ def token_logprobs(logits, tokens, temperature):
 
 
 def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, top_p, top_k,
-           stop_tokens, max_new, logprob_temperature, banned=-1, *, steps: int, truncate: bool):
+           stop_tokens, max_new, logprob_temperature, banned=-1, allow=None, first_step=0, *,
+           steps: int, truncate: bool):
     """Sample until every row stops; returns (state, tokens [B, steps] (-1 past the end),
     logprobs [B, steps], counts [B], reasons [B]). stop_tokens: [B, K] int, padded with -1;
     logprobs are taken under log_softmax(logits / logprob_temperature). `banned` (a token id,
-    -1 none) is never sampled; like truncation, the ban is not reflected in the log-probs."""
+    -1 none) is never sampled, nor is a token whose bit is 0 in `allow` ([B, ceil(V / 32)]
+    int32 words, e.g. a grammar's mask: constrain.py); like truncation, neither is reflected
+    in the log-probs. Step t of row b samples with fold_in(its key, first_step[b] + t)."""
     batch, cache_len = state.length.shape[0], state.cache["k"].shape[2]
     # One key per row when given (a row's samples then do not depend on the batch it is in).
     row_keys = rng if rng.ndim == 1 else jax.random.split(rng, batch)
@@ -133,8 +136,12 @@ def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, to
         step, st, reason, count, out_tok, out_lp = carry
         active = reason == RUNNING
         logits = model.apply({"params": params}, st.hidden, method=qwen.Decoder.logits)
-        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-        allowed = jnp.where(jnp.arange(logits.shape[-1]) == banned, -jnp.inf, logits)
+        keys = jax.vmap(jax.random.fold_in)(row_keys, first_step + step)
+        ids = jnp.arange(logits.shape[-1])
+        allowed = jnp.where(ids == banned, -jnp.inf, logits)
+        if allow is not None:
+            bits = (allow[:, ids // 32] >> (ids % 32)) & 1
+            allowed = jnp.where(bits == 1, allowed, -jnp.inf)
         tok = sample_logits(allowed, keys, temperature, top_p, top_k, truncate)
         lp = token_logprobs(logits, tok, logprob_temperature)
         st = append(model, params, st, tok[:, None], active.astype(jnp.int32))
@@ -317,11 +324,15 @@ class Sampler:
         return masks if any(m.any() for m in masks) else None
 
     def decode(self, state: DecodeState, *, max_new_tokens=256, temperature=1.0, top_p=1.0,
-               top_k=0, stop_tokens: Sequence = (), seed=0) -> tuple[DecodeState, list[Completion]]:
+               top_k=0, stop_tokens: Sequence = (), seed=0, allow=None,
+               first_step=0) -> tuple[DecodeState, list[Completion]]:
         """Sample a continuation per row; per-row values may be scalars or one value per row.
 
         `seed`: an int, a jax PRNG key (e.g. fold_in(rng, step)), or one key per row ([B] keys:
         each row's samples are then independent of the batch it is in); same seed, same samples.
+        allow: None or [B, ceil(vocab / 32)] int32 bitmasks of the tokens each row may sample
+        (the module's `decode`). first_step: where each row's step counter starts, so a
+        continuation decoded in several calls samples what one call would.
         Consumes `state`; the returned one holds every sampled token.
         """
         batch = state.length.shape[0]
@@ -340,7 +351,8 @@ class Sampler:
             _stop_array(stop_tokens, batch), max_new, logprob_temperature.astype(np.float32),
             # An <|AUDIO|> the policy wrote would be taken for a placeholder of heard audio.
             -1 if self.audio_token_id is None else self.audio_token_id,
-            steps=steps, truncate=truncate)
+            None if allow is None else np.asarray(allow, np.int32),
+            _per_row(first_step, batch, np.int32, "first_step"), steps=steps, truncate=truncate)
         tokens, logprobs, counts, reasons = jax.device_get((tokens, logprobs, counts, reasons))
         return state, [Completion(tokens[b, :n].tolist(), logprobs[b, :n].tolist(), REASONS[int(r)])
                        for b, (n, r) in enumerate(zip(counts, reasons))]

@@ -6,13 +6,16 @@
         [--api-key KEY] [--max-body-mb 8] [--idle-timeout-s 30]
 
 Endpoints: GET /v1/models, GET /v1/models/NAME, POST /v1/chat/completions (messages, tools,
-temperature, top_p, max_tokens | max_completion_tokens, seed, n=1, stream with
-stream_options.include_usage, chat_template_kwargs.enable_thinking). The prompt is
+tool_choice, parallel_tool_calls, response_format, temperature, top_p, max_tokens |
+max_completion_tokens, seed, n=1, stream with stream_options.include_usage,
+chat_template_kwargs.enable_thinking). The prompt is
 `ChatTokenizer.render(messages, tools, add_generation_prompt=True)`; the reply is
 `ChatTokenizer.parse(generated ids)`: tool calls come back as OpenAI `tool_calls` (ids unique per
-request), `<think>` as `reasoning_content`. `response_format` is accepted but not enforced (no
-constrained decoding: a judge must validate what it gets, and ours does); `stop` strings,
-`logprobs` and tool_choice other than "auto" are refused with a 400 rather than ignored.
+request), `<think>` as `reasoning_content`. Structured outputs are enforced token by token
+(constrain.py, llguidance): response_format json_object / json_schema (strict or not), and
+tool_choice "required" or a named function (calls whose arguments match the tool's parameters;
+one call with parallel_tool_calls false), "none" (the call token banned); a constrained reply
+gets no <think> block. `stop` strings and `logprobs` are refused with a 400 rather than ignored.
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}. GET /health answers
 {"status": "ok"} (without the API key). The HTTP layer is a Starlette app on uvicorn
 (`ChatServer`: its limits); the engine below it is a plain object the app calls.
@@ -21,7 +24,8 @@ Batching. One worker thread owns an `engine.Rows` of `batch` rows over the jitte
 decodes all busy rows `chunk` tokens at a time; between chunks finished rows are freed and waiting
 requests are prefilled into free rows (a row is recycled by setting its length back, to 0 or to
 the prefix it keeps: a query at position p only attends to cache slots <= p, so stale entries
-are invisible). So a request never
+are invisible). While any row follows a grammar, the batch decodes a token a call, the host
+filling each such row's mask between calls (bench.serve --structured: its cost). So a request never
 waits for a whole batch to finish, and streaming sends a delta per chunk. Idle rows get
 max_new_tokens=0 but still ride along in the batched matmuls, so after replies go out the worker
 waits up to --refill-wait-ms for their clients' next requests before decoding on. A freed row
@@ -36,7 +40,8 @@ tokens whatever else is in the batch (up to float rounding across batch shapes).
 a random one is drawn. finish_reason: "length" when max_tokens or the cache ended the reply,
 else "tool_calls" when it holds calls, else "stop".
 
-Weights live on one device (the first). An orbax source is a trainer workdir: only
+Weights and the KV cache live on the first device, or are cut by heads over --tensor of this
+host's devices (same replies as one device). An orbax source is a trainer workdir: only
 params["policy"] of the latest (or --step) checkpoint is read, with the architecture from --arch
 (a preset name or an HF config.json / its directory); scan_layers is read off the checkpoint.
 """
@@ -64,6 +69,7 @@ from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tarl_jax import constrain
 from tarl_jax import engine as engine_lib
 from tarl_jax import sampler as sampler_lib
 from tarl_jax import sharding
@@ -88,6 +94,10 @@ class Request:
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     cancelled: bool = False   # set by the client's thread (disconnect): the worker frees the row
     cached: int = 0           # prompt tokens whose keys/values a previous request left in the row
+    # Structured output (constrain.py): a grammar's matcher, advanced token by token, or a fixed
+    # mask of the tokens the reply may use (tool_choice "none").
+    matcher: Any = None
+    allow: np.ndarray | None = None
 
 
 
@@ -110,6 +120,7 @@ class Engine:
     def __init__(self, sampler: sampler_lib.Sampler, stop_ids, batch: int = 8, chunk: int = 16,
                  refill_wait_s: float = 0.01):
         self.sampler, self.stop_ids, self.batch, self.chunk = sampler, list(stop_ids), batch, chunk
+        self.vocab_size = sampler.cfg.vocab_size
         self.refill_wait_s = refill_wait_s
         # Per row, the tokens whose keys/values sit in its cache slots 0.. (a freed row keeps
         # them until it is reused), and when it was last given a request.
@@ -198,28 +209,63 @@ class Engine:
                            for b in range(self.batch)], keep={b: r.cached for b, r in new.items()})
             for b, r in new.items():
                 rows[b] = r
-        live = [r or Request([], 0) for r in rows]
-        # A row's key for its next chunk depends on the request's seed and progress only.
-        keys = engine_lib.row_keys(_seed_keys(np.array([r.seed for r in live], np.uint32)),
-                                   np.array([len(r.tokens) for r in live], np.int32))
-        outs = cache.decode(
-            keys, max_new_tokens=[min(r.max_tokens - len(r.tokens), self.chunk) for r in live],
-            temperature=[r.temperature for r in live], top_p=[r.top_p for r in live],
-            stop_tokens=self.stop_ids)
+        before = [0 if r is None else len(r.tokens) for r in rows]
+        ended: list[str | None] = [None] * self.batch   # "stop" / "cache_full" this chunk
+        # A grammar's next mask depends on the token just sampled: then the chunk goes one token
+        # a call, every row alike (what a row samples does not depend on how its reply is cut
+        # into calls: _decode).
+        grammar = any(r is not None and r.matcher is not None for r in rows)
+        for _ in range(self.chunk if grammar else 1):
+            going = [r is not None and ended[b] is None and len(r.tokens) < r.max_tokens
+                     for b, r in enumerate(rows)]
+            if not any(going):
+                break
+            outs = self._decode(cache, rows, going, 1 if grammar else self.chunk)
+            for b, (r, out) in enumerate(zip(rows, outs)):
+                if going[b]:
+                    r.tokens += out.tokens
+                    if r.matcher is not None:
+                        r.matcher.consume_tokens(out.tokens)
+                    if out.finish_reason != "length":
+                        ended[b] = out.finish_reason
         lengths = cache.lengths()
-        for b, (r, out) in enumerate(zip(rows, outs)):
+        for b, r in enumerate(rows):
             if r is None:
                 continue
-            r.tokens += out.tokens
             self.held[b] = (r.prompt + r.tokens)[:lengths[b]]
-            r.events.put(("tokens", out.tokens))
-            if out.finish_reason == "stop":
+            r.events.put(("tokens", r.tokens[before[b]:]))
+            if ended[b] == "stop":
                 r.events.put(("done", "stop"))
-            elif out.finish_reason == "cache_full" or len(r.tokens) >= r.max_tokens:
+            elif ended[b] == "cache_full" or len(r.tokens) >= r.max_tokens:
                 r.events.put(("done", "length"))
             elif not r.cancelled:
                 continue
             rows[b] = None
+
+    def _decode(self, cache: engine_lib.Rows, rows, going: list[bool], limit: int):
+        """One decode call of up to `limit` tokens for each `going` row (the rest ride along
+        idle). Token t of a reply is sampled with fold_in(fold_in(key(seed), c), t - c), c = t
+        rounded down to a multiple of `chunk`, and a call never crosses a multiple of `chunk`:
+        a row samples the same tokens whether its reply is decoded a chunk or a token a call,
+        whatever else is in the batch."""
+        live = [r or Request([], 0) for r in rows]
+        done = [len(r.tokens) for r in live]
+        starts = [n - n % self.chunk for n in done]
+        keys = engine_lib.row_keys(_seed_keys(np.array([r.seed for r in live], np.uint32)),
+                                   np.array(starts, np.int32))
+        allow = None
+        if any(r.matcher is not None or r.allow is not None for r in live):
+            allow = constrain.allow_all(self.batch, self.vocab_size)
+            for b, r in enumerate(live):
+                if r.matcher is not None:
+                    constrain.fill(r.matcher, allow, b)
+                elif r.allow is not None:
+                    allow[b] = r.allow
+        max_new = [min(r.max_tokens - n, self.chunk - (n - c), limit) if go else 0
+                   for r, n, c, go in zip(live, done, starts, going)]
+        return cache.decode(keys, max_new_tokens=max_new, temperature=[r.temperature for r in live],
+                            top_p=[r.top_p for r in live], stop_tokens=self.stop_ids, allow=allow,
+                            first_step=[n - c for n, c in zip(done, starts)])
 
 
 # ----------------------------------------------------------------------------- requests
@@ -286,10 +332,44 @@ class ChatCall:
     include_usage: bool
 
 
+def _constraint(body: dict, tools, grammars: constrain.Grammars | None):
+    """(matcher, allow) of the request's response_format / tool_choice (constrain.py)."""
+    choice = body.get("tool_choice", "auto")
+    named = isinstance(choice, dict) and choice.get("type") == "function" and \
+        isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
+    if choice not in ("none", "auto", "required") and not named:
+        raise ApiError(400, "'tool_choice' must be 'none', 'auto', 'required' or {'type': "
+                            "'function', 'function': {'name': ...}}", "tool_choice", "invalid_value")
+    fmt = _get(body, "response_format", dict, {},
+               lambda f: f.get("type") in (None, "text", "json_object", "json_schema"),
+               "type must be text, json_object or json_schema")
+    parallel = _get(body, "parallel_tool_calls", bool, True)
+    if choice == "none":
+        # the reply is text: no call token, and the format, if any, holds for it
+        tools = None
+    try:
+        grammar = grammars.grammar(fmt, choice, tools, parallel) if grammars else None
+        matcher = grammars.matcher(grammar) if grammar is not None else None
+    except constrain.ConstraintError as e:
+        raise ApiError(400, str(e), "tool_choice" if "tool" in str(e) else "response_format",
+                       "invalid_value") from None
+    try:
+        allow = grammars.ban_calls() if grammars and choice == "none" and matcher is None else None
+    except constrain.ConstraintError as e:
+        raise ApiError(400, str(e), "tool_choice", "unsupported_value") from None
+    if matcher is None and allow is None and (fmt.get("type") not in (None, "text") or
+                                              choice not in ("none", "auto")):
+        raise ApiError(400, "structured outputs are not enabled on this server",
+                       "response_format", "unsupported_value")
+    return matcher, allow
+
+
 def parse_chat(body: Any, model_name: str, tok: tokenizer_lib.ChatTokenizer, cache_len: int,
-               enable_thinking: bool, default_max_tokens: int | None = None) -> ChatCall:
+               enable_thinking: bool, default_max_tokens: int | None = None,
+               grammars: constrain.Grammars | None = None) -> ChatCall:
     """A /v1/chat/completions body -> a Request for the engine; ApiError says what is wrong.
-    A request without max_tokens gets `default_max_tokens` (None: the rest of the cache)."""
+    A request without max_tokens gets `default_max_tokens` (None: the rest of the cache).
+    grammars: what enforces response_format and tool_choice (None: only text and "auto")."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = _get(body, "model", str)
@@ -303,15 +383,13 @@ def parse_chat(body: Any, model_name: str, tok: tokenizer_lib.ChatTokenizer, cac
     if tools is not None:
         _check_tools(tools)
     _get(body, "n", int, 1, lambda n: n == 1, "only n=1 is supported")
-    _get(body, "tool_choice", str, "auto", lambda c: c == "auto", "only 'auto' is supported")
     _get(body, "stop", (str, list), [], lambda s: not s,
          "stop sequences are not supported; replies end at the model's end-of-turn tokens")
     _get(body, "logprobs", bool, False, lambda x: not x, "logprobs are not supported")
-    _get(body, "response_format", dict, {},   # accepted, not enforced (see the module doc)
-         lambda f: f.get("type") in (None, "text", "json_object", "json_schema"),
-         "type must be text, json_object or json_schema")
+    matcher, allow = _constraint(body, tools, grammars)
     kwargs = _get(body, "chat_template_kwargs", dict, {})
-    thinking = _get(kwargs, "enable_thinking", bool, enable_thinking)
+    # A constrained reply starts at its first token (the grammar has no <think> block).
+    thinking = _get(kwargs, "enable_thinking", bool, enable_thinking) and matcher is None
     try:
         prompt = tok.render(body["messages"], tools, add_generation_prompt=True,
                             enable_thinking=thinking).ids
@@ -334,7 +412,7 @@ def parse_chat(body: Any, model_name: str, tok: tokenizer_lib.ChatTokenizer, cac
                                        "must be in [0, 2]")),
                 top_p=float(_get(body, "top_p", (int, float), 1.0, lambda p: 0 < p <= 1,
                                  "must be in (0, 1]")),
-                seed=seed),
+                seed=seed, matcher=matcher, allow=allow),
         stream=_get(body, "stream", bool, False),
         include_usage=_get(options, "include_usage", bool, False))
 
@@ -423,6 +501,7 @@ class ChatServer:
         # A token spells at most this many characters: a prompt of more than cache_len times as
         # many characters cannot fit, whatever the tokenizer makes of it.
         self.max_token_chars = tok.max_token_chars
+        self.grammars = constrain.Grammars(tok, engine.vocab_size)
         routes = [Route("/v1/models", self._models, methods=["GET"]),
                   Route("/v1/models/{name:path}", self._model, methods=["GET"]),
                   Route("/v1/chat/completions", self._chat, methods=["POST"]),
@@ -538,7 +617,7 @@ class ChatServer:
                                     f"the messages hold {chars} characters, more than that many "
                                     "tokens can spell", "messages", "context_length_exceeded")
             call = parse_chat(body, self.model_name, self.tok, cache_len, self.enable_thinking,
-                              self.max_tokens)
+                              self.max_tokens, self.grammars)
         except ApiError as e:
             return _error(e)
         call.request.events = _Events(asyncio.get_running_loop())

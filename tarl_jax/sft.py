@@ -70,12 +70,14 @@ class Demonstrations:
 
 
 def warm_start(params, demos: Demonstrations, model_cfg, rl_step_cfg, config, mesh, rules,
-               on_step=None):
+               on_step=None, start: int = 0):
     """warmstart.steps SFT updates from `params` at warmstart.lr (its own optimizer).
 
     Args:
       on_step(step, params, sft): called after each update with the returned dict so far
         (e.g. to save intermediate policies).
+      start: the SFT steps `params` already had (a continued warm start): steps are numbered
+        after them and the batches drawn from a stream of their own.
     Returns:
       (the policy's params after SFT, {"nll_first", "nll_last", "expert_solved",
       "expert_episodes"}).
@@ -85,9 +87,9 @@ def warm_start(params, demos: Demonstrations, model_cfg, rl_step_cfg, config, me
     sh, fn = batch_lib.build_step(model_cfg, step_config(rl_step_cfg), optimizer, mesh, rules,
                                   demos.keys)
     state = step_lib.init_state(params, optimizer, model_cfg, False, sh)
-    rng = np.random.default_rng([config.seed, jax.process_index()])
+    rng = np.random.default_rng([config.seed, jax.process_index()] + ([start] if start else []))
     nll = []
-    for i in metrics_lib.progress(range(c.steps), "warm start"):
+    for i in metrics_lib.progress(range(start, start + c.steps), "warm start"):
         state, m = fn(state, demos.batch(rng, i), jax.random.key(i))
         nll.append(float(m["loss"]))
         sft = {"nll_first": nll[0], "nll_last": nll[-1], "expert_solved": len(demos.solved),

@@ -157,32 +157,40 @@ class Trainer:
                                              self.speech, self.audio_id, self.mesh, self.rules)
         return self._demos
 
-    def warm_start(self, params, on_step=None) -> tuple[Any, dict]:
+    def warm_start(self, params, on_step=None, start: int = 0) -> tuple[Any, dict]:
         """SFT on the expert's dialogues (sft.warm_start: its Args and Returns)."""
         return sft.warm_start(params, self.demonstrations(), self.model_cfg, self.step_cfg,
-                              self.config, self.mesh, self.rules, on_step)
+                              self.config, self.mesh, self.rules, on_step, start)
 
     def save_warm_start(self, path) -> dict:
         """Run the warm start on the training split and write its policy to `path` (the file
-        `warmstart.init` names), with its provenance and cost."""
+        `warmstart.init` names), with its provenance and cost. With warmstart.init set, SFT
+        continues from that file for warmstart.steps more (a fresh optimizer; steps and
+        seconds count on from the file's)."""
         t0, c = time.perf_counter(), self.config
+        params, start, spent, before = self._initial_params, 0, 0.0, {}
+        if c.warmstart.get("init"):
+            params, loaded = ckpt_lib.load_warm_start(c, params)
+            start, spent = loaded["steps"], loaded["seconds"]
+            before = {"continued_from": loaded["init"]}
 
         def meta_at(steps, figures):
             return {**ckpt_lib.warm_start_provenance(c), "sft": figures, "steps": steps,
-                    "seconds": time.perf_counter() - t0, "warmstart": dict(c.warmstart),
-                    "seed": c.seed, "train_tasks": len(self.world.train)}
+                    "seconds": spent + time.perf_counter() - t0,
+                    "warmstart": dict(c.warmstart), "seed": c.seed,
+                    "train_tasks": len(self.world.train), **before}
 
         def on_step(step, params, figures):
             # warmstart.save_every: the policy at every k-th step too (`<out>-<step>.safetensors`),
             # so one run yields the candidates a warm-start length is chosen from (on validation).
             every = c.warmstart.get("save_every", 0)
-            if every and step % every == 0 and step < c.warmstart.steps:
+            if every and step % every == 0 and step < start + c.warmstart.steps:
                 p = pathlib.Path(path)
                 ckpt_lib.save_flat(p.with_name(f"{p.stem}-{step}{p.suffix}"), params,
                                    meta_at(step, dict(figures)))
 
-        params, figures = self.warm_start(self._initial_params, on_step)
-        meta = meta_at(c.warmstart.steps, figures)
+        params, figures = self.warm_start(params, on_step, start)
+        meta = meta_at(start + c.warmstart.steps, figures)
         ckpt_lib.save_flat(path, params, meta)
         return meta
 

@@ -126,3 +126,22 @@ def test_the_summary_reads_a_loaded_warm_start_with_or_without_its_first_nll(tmp
                      ({"nll_first": 7.6, "nll_last": 0.2, "expert_solved": 9}, "NLL 7.60 -> 0.20 on 9")):
         text = metrics.summary({"evals": evals, "warmstart": ws}, tmp_path)
         assert want in text and "step 0 0.000" in text
+
+
+def test_a_warm_start_continues_from_a_file_with_its_steps_counted_on(tmp_path):
+    c = config()
+    c.warmstart.steps, c.warmstart.save_every = 2, 1
+    first = tmp_path / "ws.safetensors"
+    trainer.Trainer(c, str(tmp_path / "a")).save_warm_start(first)
+    c.warmstart.init = str(first)
+    t = trainer.Trainer(c, str(tmp_path / "b"))
+    meta = t.save_warm_start(tmp_path / "more.safetensors")
+    assert meta["steps"] == 4 and meta["continued_from"] == str(first)
+    assert sorted(p.name for p in tmp_path.glob("more*")) == ["more-3.safetensors",
+                                                             "more.safetensors"]
+    start, start_meta = checkpoint.load_flat(first, t._initial_params)
+    more, _ = checkpoint.load_flat(tmp_path / "more.safetensors", t._initial_params)
+    assert meta["seconds"] > start_meta["seconds"]
+    assert not jax.tree.all(jax.tree.map(np.array_equal, start, more))   # it trained on
+    # SFT resumed where the file stopped: its loss is the file's last one, not a fresh start's
+    assert meta["sft"]["nll_first"] < start_meta["sft"]["nll_first"]

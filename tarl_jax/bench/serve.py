@@ -12,6 +12,10 @@ rendered prompts, min(C, batch) real rows per `generate` call and the rest idle 
 the server's batch has them: the same compiled work without HTTP, JSON, chat rendering/parsing
 or chunked admission. "overhead" = direct tokens/s / server tokens/s (1.0 = free serving).
 Compilation is paid in a warm-up before any timing. About a minute on 2 CPU cores.
+
+--structured: the same requests again, each with a response_format JSON schema (an order
+record), in the same run: the grammar's mask is computed on the host and the batch decodes a
+token a call while any row has one (constrain.py). "cost/token" = free tok/s / structured tok/s.
 """
 from __future__ import annotations
 
@@ -39,8 +43,17 @@ def messages(i: int) -> list[dict]:
             {"role": "user", "content": f"Hello, I am user {i}. Where is my order #W{1000 + i}?"}]
 
 
-def run_server(srv, clients: int, requests: int, new: int) -> tuple[float, int, list[float]]:
-    """(seconds, completion tokens, per-request latencies) for `requests` requests."""
+ORDER = {"type": "json_schema", "json_schema": {"name": "order", "schema": {
+    "type": "object", "additionalProperties": False, "required": ["order_id", "status", "note"],
+    "properties": {"order_id": {"type": "string", "pattern": "^#W[0-9]{7}$"},
+                   "status": {"enum": ["pending", "delivered", "cancelled"]},
+                   "note": {"type": "string"}}}}}
+
+
+def run_server(srv, clients: int, requests: int, new: int,
+               **extra) -> tuple[float, int, list[float]]:
+    """(seconds, completion tokens, per-request latencies) for `requests` requests; `extra`:
+    more request fields (response_format)."""
     local = threading.local()
 
     def one(i):
@@ -48,7 +61,7 @@ def run_server(srv, clients: int, requests: int, new: int) -> tuple[float, int, 
             local.client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=300)
         t0 = time.perf_counter()
         r = local.client.chat.completions.create(model="bench", messages=messages(i), max_tokens=new,
-                                                 temperature=0.7, seed=i)
+                                                 temperature=0.7, seed=i, **extra)
         return r.usage.completion_tokens, time.perf_counter() - t0
 
     start = time.perf_counter()
@@ -80,7 +93,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--cache-len", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=16)
+    ap.add_argument("--structured", action="store_true",
+                    help="also time the same requests held to a JSON schema")
     args = ap.parse_args(argv)
+    extras = [{}] + ([{"response_format": ORDER}] if args.structured else [])
 
     tok, cfg, params = components.load_model({"preset": args.preset, "tokenizer": "tiny"})
     srv = serve.build(tok, cfg, params, model_name="bench", batch=args.batch,
@@ -96,20 +112,26 @@ def main(argv=None):
     try:
         t0 = time.perf_counter()
         for c in sorted(set(levels) | {args.batch}):   # compile every shape the timings will use
-            run_server(srv, c, c, args.new)
+            for extra in extras:
+                run_server(srv, c, c, args.new, **extra)
             prompts = [tok.render(messages(i), add_generation_prompt=True).ids for i in range(c)]
             run_direct(sampler, prompts, c, args.batch, args.new, tok.stop_ids)
         print(f"warm-up (compilation) {time.perf_counter() - t0:.1f} s\n")
         print(f"{'clients':>7} {'requests':>8} {'server req/s':>12} {'server tok/s':>12} "
-              f"{'p50 latency s':>13} {'direct req/s':>12} {'direct tok/s':>12} {'overhead':>8}")
+              f"{'p50 latency s':>13} {'direct req/s':>12} {'direct tok/s':>12} {'overhead':>8}"
+              + (f" {'json tok/s':>10} {'cost/token':>10}" if args.structured else ""))
         for c in levels:
             n = max(16, 4 * c)
             secs, toks, lat = run_server(srv, c, n, args.new)
             prompts = [tok.render(messages(i), add_generation_prompt=True).ids for i in range(n)]
             d_secs, d_toks = run_direct(sampler, prompts, c, args.batch, args.new, tok.stop_ids)
-            print(f"{c:>7} {n:>8} {n / secs:>12.1f} {toks / secs:>12.0f} {np.median(lat):>13.3f} "
-                  f"{n / d_secs:>12.1f} {d_toks / d_secs:>12.0f} "
-                  f"{(d_toks / d_secs) / (toks / secs):>7.2f}x")
+            line = (f"{c:>7} {n:>8} {n / secs:>12.1f} {toks / secs:>12.0f} "
+                    f"{np.median(lat):>13.3f} {n / d_secs:>12.1f} {d_toks / d_secs:>12.0f} "
+                    f"{(d_toks / d_secs) / (toks / secs):>7.2f}x")
+            if args.structured:
+                j_secs, j_toks, _ = run_server(srv, c, n, args.new, response_format=ORDER)
+                line += f" {j_toks / j_secs:>10.0f} {(toks / secs) / (j_toks / j_secs):>9.2f}x"
+            print(line)
     finally:
         srv.close()
 

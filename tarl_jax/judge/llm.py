@@ -51,7 +51,9 @@ DEFAULTS = dict(
     temperature=0.0,          # None leaves it out of the request (models that reject it)
     max_tokens=4096,          # likewise
     seed=0,                   # sent as seed + sample; None leaves it out
-    json_mode=True,           # send response_format={"type": "json_object"}
+    json_mode="schema",       # response_format: "schema" (the verdict's JSON schema: servers
+                              # with structured outputs hold the answer to it), True (any JSON
+                              # object), False (none)
     max_concurrency=16,
     timeout=120.0,            # seconds per request, whole answer (a dripping reply is cut too)
     max_retries=3,            # transport retries per request
@@ -85,6 +87,19 @@ Answer with only a JSON object, no prose:
 
 class InvalidVerdict(ValueError):
     pass
+
+
+def verdict_schema(n_turns: int, max_reason_chars: int = 300) -> dict:
+    """The JSON schema of a verdict on `n_turns` agent turns. What it cannot say (each turn
+    once, at most one -1) parse_verdict checks."""
+    entry = {"type": "object", "additionalProperties": False,
+             "required": ["turn", "score", "reason"],
+             "properties": {"turn": {"type": "integer", "minimum": 1, "maximum": n_turns},
+                            "score": {"enum": [-1, 0, 1]},
+                            "reason": {"type": "string", "maxLength": max_reason_chars}}}
+    return {"type": "object", "additionalProperties": False, "required": ["turns"],
+            "properties": {"turns": {"type": "array", "items": entry,
+                                     "minItems": n_turns, "maxItems": n_turns}}}
 
 
 def config(cfg: Any = None) -> dict:
@@ -297,7 +312,10 @@ class LLMJudge:
         optional = dict(temperature=c["temperature"], max_tokens=c["max_tokens"],
                         seed=None if c["seed"] is None else c["seed"] + sample)
         request.update({k: v for k, v in optional.items() if v is not None})
-        if c["json_mode"]:
+        if c["json_mode"] == "schema":
+            request["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "verdict", "schema": verdict_schema(n_turns), "strict": False}}
+        elif c["json_mode"]:
             request["response_format"] = {"type": "json_object"}
         error = ""
         for attempt in range(c["max_repairs"] + 1):

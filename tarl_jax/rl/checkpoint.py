@@ -320,4 +320,6 @@ def load_warm_start(config, params) -> tuple[Any, dict]:
     log.info("warm start: loaded %s (NLL %.3f after %d steps, %.0f s to make)", path,
              meta["sft"]["nll_last"], meta.get("steps", meta["warmstart"]["steps"]),
              meta["seconds"])
-    return params, {**meta["sft"], "init": str(path)}
+    return params, {**meta["sft"], "init": str(path),
+                    "steps": meta.get("steps", meta["warmstart"]["steps"]),
+                    "seconds": meta["seconds"]}
