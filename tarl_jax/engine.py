@@ -15,6 +15,7 @@ depends on the other rows of the batch.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -25,6 +26,14 @@ from tarl_jax import sampler as sampler_lib
 
 # (base keys [B], counters [B]) -> each row's key for its next decode call.
 row_keys = jax.jit(jax.vmap(jax.random.fold_in))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _copy_rows(state: sampler_lib.DecodeState, src, dst) -> sampler_lib.DecodeState:
+    """Rows dst[i] become copies of rows src[i]: cache (batch on axis 1), length, hidden."""
+    cache = jax.tree.map(lambda x: x.at[:, dst].set(x[:, src]), state.cache)
+    return sampler_lib.DecodeState(cache, state.length.at[dst].set(state.length[src]),
+                                   state.hidden.at[dst].set(state.hidden[src]))
 
 
 class Rows:
@@ -60,6 +69,13 @@ class Rows:
             lengths[list(keep)] = list(keep.values())
             self.state = self.state._replace(length=jnp.asarray(lengths))
         self.state = self.sampler.append(self.state, new, audio)
+
+    def copy(self, pairs: dict[int, int]) -> None:
+        """Row dst takes row src's tokens, for each {dst: src} (n choices of one prompt share its
+        prefill)."""
+        if pairs:
+            dst, src = (np.array(x, np.int32) for x in zip(*pairs.items()))
+            self.state = _copy_rows(self.state, src, dst)
 
     def decode(self, keys, **sampling) -> list[sampler_lib.Completion]:
         """One decode call over every row (Sampler.decode's per-row sampling settings; rows

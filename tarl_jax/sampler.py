@@ -113,27 +113,31 @@ def token_logprobs(logits, tokens, temperature):
 
 def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, top_p, top_k,
            stop_tokens, max_new, logprob_temperature, banned=-1, allow=None, first_step=0, *,
-           steps: int, truncate: bool):
+           steps: int, truncate: bool, top_logprobs: int = 0):
     """Sample until every row stops; returns (state, tokens [B, steps] (-1 past the end),
     logprobs [B, steps], counts [B], reasons [B]). stop_tokens: [B, K] int, padded with -1;
     logprobs are taken under log_softmax(logits / logprob_temperature). `banned` (a token id,
     -1 none) is never sampled, nor is a token whose bit is 0 in `allow` ([B, ceil(V / 32)]
     int32 words, e.g. a grammar's mask: constrain.py); like truncation, neither is reflected
-    in the log-probs. Step t of row b samples with fold_in(its key, first_step[b] + t)."""
+    in the log-probs. Step t of row b samples with fold_in(its key, first_step[b] + t).
+    top_logprobs k > 0: also the k likeliest tokens of each step and their log-probs (the same
+    distribution), [B, steps, k] each, as a sixth and seventh output."""
     batch, cache_len = state.length.shape[0], state.cache["k"].shape[2]
     # One key per row when given (a row's samples then do not depend on the batch it is in).
     row_keys = rng if rng.ndim == 1 else jax.random.split(rng, batch)
     reason = jnp.where(max_new <= 0, LENGTH,
                        jnp.where(state.length >= cache_len, CACHE_FULL, RUNNING)).astype(jnp.int32)
     carry = (jnp.int32(0), state, reason, jnp.zeros((batch,), jnp.int32),
-             jnp.full((batch, steps), -1, jnp.int32), jnp.zeros((batch, steps), jnp.float32))
+             jnp.full((batch, steps), -1, jnp.int32), jnp.zeros((batch, steps), jnp.float32),
+             jnp.zeros((batch, steps, top_logprobs), jnp.int32),
+             jnp.zeros((batch, steps, top_logprobs), jnp.float32))
 
     def cond(carry):
         step, _, reason, *_ = carry
         return (step < steps) & jnp.any(reason == RUNNING)
 
     def body(carry):
-        step, st, reason, count, out_tok, out_lp = carry
+        step, st, reason, count, out_tok, out_lp, top_ids, top_lp = carry
         active = reason == RUNNING
         logits = model.apply({"params": params}, st.hidden, method=qwen.Decoder.logits)
         keys = jax.vmap(jax.random.fold_in)(row_keys, first_step + step)
@@ -144,6 +148,11 @@ def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, to
             allowed = jnp.where(bits == 1, allowed, -jnp.inf)
         tok = sample_logits(allowed, keys, temperature, top_p, top_k, truncate)
         lp = token_logprobs(logits, tok, logprob_temperature)
+        if top_logprobs:
+            values, ids_k = jax.lax.top_k(
+                jax.nn.log_softmax(logits / logprob_temperature[:, None], axis=-1), top_logprobs)
+            top_ids = top_ids.at[:, step].set(ids_k.astype(jnp.int32))
+            top_lp = top_lp.at[:, step].set(values)
         st = append(model, params, st, tok[:, None], active.astype(jnp.int32))
         out_tok = out_tok.at[:, step].set(jnp.where(active, tok, -1))
         out_lp = out_lp.at[:, step].set(jnp.where(active, lp, 0.0))
@@ -151,9 +160,12 @@ def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, to
         stopped = jnp.any(tok[:, None] == stop_tokens, axis=-1)
         reason = jnp.select([~active, stopped, count >= max_new, st.length >= cache_len],
                             [reason, STOP, LENGTH, CACHE_FULL], RUNNING).astype(jnp.int32)
-        return step + 1, st, reason, count, out_tok, out_lp
+        return step + 1, st, reason, count, out_tok, out_lp, top_ids, top_lp
 
-    _, state, reason, count, out_tok, out_lp = jax.lax.while_loop(cond, body, carry)
+    _, state, reason, count, out_tok, out_lp, top_ids, top_lp = jax.lax.while_loop(cond, body,
+                                                                                    carry)
+    if top_logprobs:
+        return state, out_tok, out_lp, count, reason, top_ids, top_lp
     return state, out_tok, out_lp, count, reason
 
 
@@ -162,7 +174,7 @@ def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, to
 _append_jit = jax.jit(append, static_argnums=0, donate_argnums=2,
                       static_argnames=("audio_token_id",))
 _decode_jit = jax.jit(decode, static_argnums=0, donate_argnums=2,
-                      static_argnames=("steps", "truncate"))
+                      static_argnames=("steps", "truncate", "top_logprobs"))
 
 
 @dataclasses.dataclass
@@ -170,6 +182,7 @@ class Completion:
     tokens: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" | "length" | "cache_full"
+    top: list[list[tuple[int, float]]] | None = None   # per token: the top_logprobs likeliest
 
 
 def _per_row(value, batch: int, dtype, name: str) -> np.ndarray:
@@ -324,15 +337,16 @@ class Sampler:
         return masks if any(m.any() for m in masks) else None
 
     def decode(self, state: DecodeState, *, max_new_tokens=256, temperature=1.0, top_p=1.0,
-               top_k=0, stop_tokens: Sequence = (), seed=0, allow=None,
-               first_step=0) -> tuple[DecodeState, list[Completion]]:
+               top_k=0, stop_tokens: Sequence = (), seed=0, allow=None, first_step=0,
+               top_logprobs: int = 0) -> tuple[DecodeState, list[Completion]]:
         """Sample a continuation per row; per-row values may be scalars or one value per row.
 
         `seed`: an int, a jax PRNG key (e.g. fold_in(rng, step)), or one key per row ([B] keys:
         each row's samples are then independent of the batch it is in); same seed, same samples.
         allow: None or [B, ceil(vocab / 32)] int32 bitmasks of the tokens each row may sample
         (the module's `decode`). first_step: where each row's step counter starts, so a
-        continuation decoded in several calls samples what one call would.
+        continuation decoded in several calls samples what one call would. top_logprobs k:
+        each Completion's `top` holds every step's k likeliest (token, log-prob).
         Consumes `state`; the returned one holds every sampled token.
         """
         batch = state.length.shape[0]
@@ -346,16 +360,22 @@ class Sampler:
         logprob_temperature = np.where(sampled & (self.logprobs == "tempered"), temperature, 1.0)
         steps = bucket(min(int(max_new.max()), self.cache_len), self.min_bucket)
         model = self._model(int(np.max(state.length)) + steps)
-        state, tokens, logprobs, counts, reasons = _decode_jit(
+        state, *out = _decode_jit(
             model, self.params, state, rng, temperature, top_p, top_k,
             _stop_array(stop_tokens, batch), max_new, logprob_temperature.astype(np.float32),
             # An <|AUDIO|> the policy wrote would be taken for a placeholder of heard audio.
             -1 if self.audio_token_id is None else self.audio_token_id,
             None if allow is None else np.asarray(allow, np.int32),
-            _per_row(first_step, batch, np.int32, "first_step"), steps=steps, truncate=truncate)
-        tokens, logprobs, counts, reasons = jax.device_get((tokens, logprobs, counts, reasons))
-        return state, [Completion(tokens[b, :n].tolist(), logprobs[b, :n].tolist(), REASONS[int(r)])
-                       for b, (n, r) in enumerate(zip(counts, reasons))]
+            _per_row(first_step, batch, np.int32, "first_step"), steps=steps, truncate=truncate,
+            top_logprobs=top_logprobs)
+        tokens, logprobs, counts, reasons, *top = jax.device_get(out)
+        outs = [Completion(tokens[b, :n].tolist(), logprobs[b, :n].tolist(), REASONS[int(r)])
+                for b, (n, r) in enumerate(zip(counts, reasons))]
+        if top_logprobs:
+            for b, c in enumerate(outs):
+                c.top = [list(zip(top[0][b, t].tolist(), top[1][b, t].tolist()))
+                         for t in range(len(c.tokens))]
+        return state, outs
 
     def generate(self, prompts: Sequence[Sequence[int]], **decode_kwargs) -> list[Completion]:
         _, completions = self.decode(self.start(prompts), **decode_kwargs)

@@ -7,15 +7,22 @@
 
 Endpoints: GET /v1/models, GET /v1/models/NAME, POST /v1/chat/completions (messages, tools,
 tool_choice, parallel_tool_calls, response_format, temperature, top_p, max_tokens |
-max_completion_tokens, seed, n=1, stream with stream_options.include_usage,
-chat_template_kwargs.enable_thinking). The prompt is
+max_completion_tokens, seed, n, stop, logprobs, top_logprobs, stream with
+stream_options.include_usage, chat_template_kwargs.enable_thinking), GET /health, GET /metrics
+(Prometheus: requests, prompt and cached prompt tokens, generated tokens, tokens/s, queue
+depth, busy rows). The prompt is
 `ChatTokenizer.render(messages, tools, add_generation_prompt=True)`; the reply is
 `ChatTokenizer.parse(generated ids)`: tool calls come back as OpenAI `tool_calls` (ids unique per
 request), `<think>` as `reasoning_content`. Structured outputs are enforced token by token
 (constrain.py, llguidance): response_format json_object / json_schema (strict or not), and
 tool_choice "required" or a named function (calls whose arguments match the tool's parameters;
 one call with parallel_tool_calls false), "none" (the call token banned); a constrained reply
-gets no <think> block. `stop` strings and `logprobs` are refused with a 400 rather than ignored.
+gets no <think> block. `stop`: up to 4 strings; the reply's text ends before the first one
+found (checked after each chunk; usage counts the tokens sampled). `logprobs`: each token's
+log-prob under the model's own distribution (temperature 1, before top-p), `top_logprobs` <= 20
+alternatives. `n` choices: choice k is what n=1 with seed + k returns; admitted together, they
+copy choice 0's prefilled row instead of prefilling the prompt again (usage counts the prompt
+once); not streamed (400).
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}. GET /health answers
 {"status": "ok"} (without the API key). The HTTP layer is a Starlette app on uvicorn
 (`ChatServer`: its limits); the engine below it is a plain object the app calls.
@@ -49,7 +56,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -62,6 +71,8 @@ from typing import Any
 
 import jax
 import numpy as np
+import prometheus_client
+import prometheus_client.core
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -98,6 +109,12 @@ class Request:
     # mask of the tokens the reply may use (tool_choice "none").
     matcher: Any = None
     allow: np.ndarray | None = None
+    stop: tuple[str, ...] = ()      # stop strings: the reply ends before the first one
+    stop_at: int | None = None      # where in the reply's text a stop string was found
+    top_logprobs: int = 0           # > 0: the likeliest tokens of each step are kept
+    logprobs: list[float] = dataclasses.field(default_factory=list)   # each token's (raw)
+    top: list = dataclasses.field(default_factory=list)              # [(id, logprob)] a token
+    leader: "Request | None" = None  # n > 1: choice 0, whose prefilled row this one copies
 
 
 
@@ -117,10 +134,16 @@ class Engine:
     ("done", finish_reason) or ("error", message).
     """
 
+    # top_logprobs are computed for this many tokens whenever a row asks (one compiled shape).
+    TOP = 20
+
     def __init__(self, sampler: sampler_lib.Sampler, stop_ids, batch: int = 8, chunk: int = 16,
-                 refill_wait_s: float = 0.01):
+                 refill_wait_s: float = 0.01, detokenize=None):
         self.sampler, self.stop_ids, self.batch, self.chunk = sampler, list(stop_ids), batch, chunk
-        self.vocab_size = sampler.cfg.vocab_size
+        self.vocab_size, self.detokenize = sampler.cfg.vocab_size, detokenize
+        self.busy = 0
+        self.generated = 0                       # tokens, since start
+        self.recent: collections.deque = collections.deque(maxlen=256)   # (time, tokens) a chunk
         self.refill_wait_s = refill_wait_s
         # Per row, the tokens whose keys/values sit in its cache slots 0.. (a freed row keeps
         # them until it is reused), and when it was last given a request.
@@ -171,9 +194,10 @@ class Engine:
                     free.remove(b)
                     new[b] = r
             try:
-                busy = sum(r is not None for r in rows) + len(new)
+                busy = self.busy = sum(r is not None for r in rows) + len(new)
                 self._step(cache, rows, new)
-                freed = sum(r is not None for r in rows) < busy
+                self.busy = sum(r is not None for r in rows)
+                freed = self.busy < busy
             except Exception as e:  # noqa: BLE001 -- fail the batch, keep serving
                 log.exception("engine step failed")
                 for b, r in list(enumerate(rows)) + list(new.items()):
@@ -204,9 +228,17 @@ class Engine:
 
     def _step(self, cache: engine_lib.Rows, rows, new):
         if new:
-            # Each new request's row is cut back to the prefix it reuses, then takes the rest.
-            cache.prefill([new[b].prompt[new[b].cached:] if b in new else []
-                           for b in range(self.batch)], keep={b: r.cached for b, r in new.items()})
+            # Each new request's row is cut back to the prefix it reuses, then takes the rest;
+            # a later choice of a prompt admitted with its first copies that row once prefilled.
+            row_of = {id(r): b for b, r in new.items()}
+            copies = {b: row_of[id(r.leader)] for b, r in new.items()
+                      if r.leader is not None and id(r.leader) in row_of}
+            fresh = {b: r for b, r in new.items() if b not in copies}
+            cache.prefill([fresh[b].prompt[fresh[b].cached:] if b in fresh else []
+                           for b in range(self.batch)], keep={b: r.cached for b, r in fresh.items()})
+            cache.copy(copies)
+            for b, src in copies.items():
+                new[b].cached = len(new[b].prompt)
             for b, r in new.items():
                 rows[b] = r
         before = [0 if r is None else len(r.tokens) for r in rows]
@@ -224,14 +256,25 @@ class Engine:
             for b, (r, out) in enumerate(zip(rows, outs)):
                 if going[b]:
                     r.tokens += out.tokens
+                    r.logprobs += out.logprobs
+                    if r.top_logprobs:
+                        r.top += [t[:r.top_logprobs] for t in out.top]
                     if r.matcher is not None:
                         r.matcher.consume_tokens(out.tokens)
                     if out.finish_reason != "length":
                         ended[b] = out.finish_reason
         lengths = cache.lengths()
+        made = sum(len(r.tokens) - n for r, n in zip(rows, before) if r is not None)
+        self.generated += made
+        self.recent.append((time.monotonic(), made))
         for b, r in enumerate(rows):
             if r is None:
                 continue
+            if r.stop and ended[b] is None:
+                text = self.detokenize(r.tokens)
+                hits = [i for i in (text.find(s) for s in r.stop) if i >= 0]
+                if hits:
+                    r.stop_at, ended[b] = min(hits), "stop"
             self.held[b] = (r.prompt + r.tokens)[:lengths[b]]
             r.events.put(("tokens", r.tokens[before[b]:]))
             if ended[b] == "stop":
@@ -265,7 +308,13 @@ class Engine:
                    for r, n, c, go in zip(live, done, starts, going)]
         return cache.decode(keys, max_new_tokens=max_new, temperature=[r.temperature for r in live],
                             top_p=[r.top_p for r in live], stop_tokens=self.stop_ids, allow=allow,
-                            first_step=[n - c for n, c in zip(done, starts)])
+                            first_step=[n - c for n, c in zip(done, starts)],
+                            top_logprobs=self.TOP if any(r.top_logprobs for r in live) else 0)
+
+    def tokens_per_s(self, window_s: float = 10.0) -> float:
+        """Generated tokens a second over the last `window_s` seconds."""
+        now = time.monotonic()
+        return sum(n for t, n in self.recent if now - t <= window_s) / window_s
 
 
 # ----------------------------------------------------------------------------- requests
@@ -330,6 +379,18 @@ class ChatCall:
     request: Request
     stream: bool
     include_usage: bool
+    n: int = 1
+    logprobs: bool = False
+
+    def requests(self) -> list[Request]:
+        """The engine's requests: one per choice, choice k seeded seed + k (so it samples what a
+        request with that seed and n=1 would), each a copy of choice 0's row once prefilled."""
+        first = self.request
+        return [first] + [dataclasses.replace(
+            first, seed=(first.seed + k) % 2 ** 32, tokens=[], logprobs=[], top=[],
+            events=queue.Queue(), leader=first,
+            matcher=None if first.matcher is None else first.matcher.deep_copy())
+            for k in range(1, self.n)]
 
 
 def _constraint(body: dict, tools, grammars: constrain.Grammars | None):
@@ -382,10 +443,16 @@ def parse_chat(body: Any, model_name: str, tok: tokenizer_lib.ChatTokenizer, cac
     tools = body.get("tools") or None
     if tools is not None:
         _check_tools(tools)
-    _get(body, "n", int, 1, lambda n: n == 1, "only n=1 is supported")
-    _get(body, "stop", (str, list), [], lambda s: not s,
-         "stop sequences are not supported; replies end at the model's end-of-turn tokens")
-    _get(body, "logprobs", bool, False, lambda x: not x, "logprobs are not supported")
+    n = _get(body, "n", int, 1, lambda n: 1 <= n <= 64, "must be in [1, 64]")
+    stop = _get(body, "stop", (str, list), [], lambda s: isinstance(s, str) or (
+        len(s) <= 4 and all(isinstance(x, str) and x for x in s)), "up to 4 non-empty strings")
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    logprobs = _get(body, "logprobs", bool, False)
+    top = _get(body, "top_logprobs", int, 0, lambda k: 0 <= k <= Engine.TOP and (logprobs or not k),
+               f"must be in [0, {Engine.TOP}], with logprobs true")
+    if n > 1 and _get(body, "stream", bool, False):
+        raise ApiError(400, "n > 1 is not streamed here; send stream=false", "n",
+                       "unsupported_value")
     matcher, allow = _constraint(body, tools, grammars)
     kwargs = _get(body, "chat_template_kwargs", dict, {})
     # A constrained reply starts at its first token (the grammar has no <think> block).
@@ -412,15 +479,21 @@ def parse_chat(body: Any, model_name: str, tok: tokenizer_lib.ChatTokenizer, cac
                                        "must be in [0, 2]")),
                 top_p=float(_get(body, "top_p", (int, float), 1.0, lambda p: 0 < p <= 1,
                                  "must be in (0, 1]")),
-                seed=seed, matcher=matcher, allow=allow),
+                seed=seed, matcher=matcher, allow=allow, stop=stop, top_logprobs=top),
         stream=_get(body, "stream", bool, False),
-        include_usage=_get(options, "include_usage", bool, False))
+        include_usage=_get(options, "include_usage", bool, False), n=n, logprobs=logprobs)
 
 
 # ----------------------------------------------------------------------------- replies
 
-def reply_message(tok: tokenizer_lib.ChatTokenizer, tokens: list[int], call_prefix: str) -> dict:
-    message = tok.parse(tokens, call_prefix).message
+def reply_text(tok: tokenizer_lib.ChatTokenizer, request: Request) -> str:
+    """The reply's text, cut before the stop string that ended it."""
+    text = tok.decode(request.tokens)
+    return text if request.stop_at is None else text[:request.stop_at]
+
+
+def reply_message(tok: tokenizer_lib.ChatTokenizer, request: Request, call_prefix: str) -> dict:
+    message = tokenizer_lib.parse_reply(reply_text(tok, request), call_prefix).message
     if message.get("tool_calls") and not message["content"]:
         message["content"] = None   # what OpenAI returns for a reply that is only calls
     return message
@@ -436,20 +509,20 @@ _MARKERS = (tokenizer_lib.TOOL_CALL, tokenizer_lib.TOOL_CALL_END, tokenizer_lib.
             tokenizer_lib.ENDOFTEXT, tokenizer_lib.THINK)
 
 
-def streamable_content(text: str) -> str:
+def streamable_content(text: str, stop: tuple[str, ...] = ()) -> str:
     """The prefix of the reply's final `content` that `text`, a partial reply, already fixes.
 
-    What follows a marker (a tool call, the end of turn, an open <think>) is held back, and so
-    are a trailing piece of a marker, a trailing incomplete UTF-8 character and one trailing
-    newline (parse drops the one before a tool call). Only a <think> opened mid-reply, after
-    streamed text, can make the streamed content differ from the final one (parse then keeps
-    what follows it).
+    What follows a marker (a tool call, the end of turn, an open <think>, a stop string) is held
+    back, and so are a trailing piece of a marker, a trailing incomplete UTF-8 character and one
+    trailing newline (parse drops the one before a tool call). Only a <think> opened mid-reply,
+    after streamed text, can make the streamed content differ from the final one (parse then
+    keeps what follows it).
     """
     if tokenizer_lib.THINK_END in text:
         text = text.partition(tokenizer_lib.THINK_END)[2].lstrip("\n")
-    for marker in _MARKERS:
+    for marker in _MARKERS + stop:
         text = text.partition(marker)[0]
-    for marker in _MARKERS:
+    for marker in _MARKERS + stop:
         for k in range(len(marker) - 1, 0, -1):
             if text.endswith(marker[:k]):
                 text = text[:-k]
@@ -457,10 +530,29 @@ def streamable_content(text: str) -> str:
     return text.rstrip("\ufffd").removesuffix("\n")
 
 
-def usage(request: Request) -> dict:
-    n, m = len(request.prompt), len(request.tokens)
+def usage(*requests: Request) -> dict:
+    """One prompt (the choices share it), every choice's generated tokens."""
+    n, m = len(requests[0].prompt), sum(len(r.tokens) for r in requests)
     return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m,
-            "prompt_tokens_details": {"cached_tokens": request.cached}}
+            "prompt_tokens_details": {"cached_tokens": requests[0].cached}}
+
+
+def logprobs_content(tok: tokenizer_lib.ChatTokenizer, request: Request, start: int = 0,
+                     end: int | None = None) -> list[dict]:
+    """OpenAI's choice.logprobs.content for tokens start:end of the reply (the end-of-turn token
+    left out), each with its `top_logprobs` alternatives if asked."""
+    end = len(request.tokens) if end is None else end
+    if end and end == len(request.tokens) and request.tokens[-1] in tok.stop_ids:
+        end -= 1
+
+    def entry(i: int, lp: float) -> dict:
+        text = tok.decode([i])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return [{**entry(i, lp), "top_logprobs": [entry(j, v) for j, v in request.top[k]]
+             if request.top_logprobs else []}
+            for k, (i, lp) in enumerate(zip(request.tokens[start:end],
+                                            request.logprobs[start:end]), start)]
 
 
 # ----------------------------------------------------------------------------- HTTP (ASGI)
@@ -477,6 +569,37 @@ class _Events:
 
     async def get(self):
         return await self.queue.get()
+
+
+class Metrics:
+    """The server's Prometheus metrics (GET /metrics), in a registry of its own: counters of
+    requests and prompt tokens (cached: reused from a row's cache), and what the engine reports
+    when scraped (queue depth, busy rows, generated tokens, tokens/s over the last 10 s)."""
+
+    def __init__(self, engine: Engine):
+        self.registry = prometheus_client.CollectorRegistry()
+        counter = functools.partial(prometheus_client.Counter, registry=self.registry)
+        self.requests = counter("tarl_serve_requests", "chat completion requests accepted")
+        self.prompt_tokens = counter("tarl_serve_prompt_tokens", "prompt tokens of accepted requests")
+        self.cached_tokens = counter("tarl_serve_cached_prompt_tokens",
+                                     "prompt tokens a row's cache already held (not prefilled)")
+        self.engine = engine
+        self.registry.register(self)
+
+    def collect(self):
+        e, family = self.engine, prometheus_client.core
+        yield family.GaugeMetricFamily("tarl_serve_queue_depth", "requests waiting for a row",
+                                       value=e.waiting.qsize())
+        yield family.GaugeMetricFamily("tarl_serve_busy_rows", "rows decoding a request",
+                                       value=e.busy)
+        yield family.GaugeMetricFamily("tarl_serve_rows", "rows of the batch", value=e.batch)
+        yield family.CounterMetricFamily("tarl_serve_generated_tokens", "tokens sampled",
+                                         value=e.generated)
+        yield family.GaugeMetricFamily("tarl_serve_tokens_per_second",
+                                       "tokens sampled a second, last 10 s", value=e.tokens_per_s())
+
+    def text(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
 
 
 def _error(e: ApiError) -> JSONResponse:
@@ -502,10 +625,13 @@ class ChatServer:
         # many characters cannot fit, whatever the tokenizer makes of it.
         self.max_token_chars = tok.max_token_chars
         self.grammars = constrain.Grammars(tok, engine.vocab_size)
+        self.metrics = Metrics(engine)
+        engine.detokenize = engine.detokenize or tok.decode
         routes = [Route("/v1/models", self._models, methods=["GET"]),
                   Route("/v1/models/{name:path}", self._model, methods=["GET"]),
                   Route("/v1/chat/completions", self._chat, methods=["POST"]),
-                  Route("/health", self._health, methods=["GET"])]
+                  Route("/health", self._health, methods=["GET"]),
+                  Route("/metrics", self._metrics, methods=["GET"])]
         self.app = Starlette(routes=routes, exception_handlers={
             HTTPException: self._http_error, Exception: self._bug})
         self.socket = socket.create_server((host, port), backlog=256)
@@ -590,6 +716,9 @@ class ChatServer:
     async def _health(self, request: StarletteRequest):
         return JSONResponse({"status": "ok"})
 
+    async def _metrics(self, request: StarletteRequest):
+        return Response(self.metrics.text(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
     async def _body(self, request: StarletteRequest) -> Any:
         """The JSON body, read up to max_body_bytes (a chunked body has no Content-Length)."""
         raw = bytearray()
@@ -620,26 +749,36 @@ class ChatServer:
                               self.max_tokens, self.grammars)
         except ApiError as e:
             return _error(e)
-        call.request.events = _Events(asyncio.get_running_loop())
-        req = self.engine.submit(call.request)
+        reqs = call.requests()
+        for r in reqs:
+            r.events = _Events(asyncio.get_running_loop())
+            self.engine.submit(r)
+        self.metrics.requests.inc()
+        self.metrics.prompt_tokens.inc(len(call.request.prompt))
         rid = uuid.uuid4().hex[:24]
         head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": self.model_name}
         if call.stream:
-            return StreamingResponse(self._stream(req, head, f"call_{rid}", call.include_usage),
+            return StreamingResponse(self._stream(reqs[0], head, f"call_{rid}", call),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            reason = await self._wait(req, request)
+            reasons = [await self._wait(r, request) for r in reqs]
         except ApiError as e:
             return _error(e)
         finally:
-            req.cancelled = True   # a no-op once done; frees the row if the client left
-        if reason is None:         # the client left: nobody to answer
+            for r in reqs:
+                r.cancelled = True   # a no-op once done; frees the row if the client left
+        if None in reasons:          # the client left: nobody to answer
             return Response(status_code=499)
-        message = reply_message(self.tok, req.tokens, f"call_{rid}")
-        return JSONResponse({**head, "object": "chat.completion", "usage": usage(req),
-                             "choices": [{"index": 0, "message": message, "logprobs": None,
-                                          "finish_reason": finish_reason(reason, message)}]})
+        self.metrics.cached_tokens.inc(reqs[0].cached)
+        choices = []
+        for k, (r, reason) in enumerate(zip(reqs, reasons)):
+            message = reply_message(self.tok, r, f"call_{rid}" + (f"_{k}" if k else ""))
+            choices.append({"index": k, "message": message, "finish_reason":
+                            finish_reason(reason, message), "logprobs":
+                            {"content": logprobs_content(self.tok, r)} if call.logprobs else None})
+        return JSONResponse({**head, "object": "chat.completion", "usage": usage(*reqs),
+                             "choices": choices})
 
     async def _wait(self, req: Request, client: StarletteRequest | None = None):
         """The engine's finish reason once the reply is whole; None if the client left first
@@ -657,16 +796,22 @@ class ChatServer:
             if kind == "error":
                 raise ApiError(500, value, kind="server_error")
 
-    async def _stream(self, req: Request, head: dict, call_prefix: str, include_usage: bool):
-        """SSE frames: a role delta, content deltas as the parse fixes them, the last delta with
-        tool calls and the finish reason, usage if asked, [DONE]. Starlette stops this generator
-        when the client disconnects; `finally` then frees the row."""
+    async def _stream(self, req: Request, head: dict, call_prefix: str, call: ChatCall):
+        """SSE frames: a role delta, content deltas as the parse fixes them (with the log-probs
+        of the tokens that arrived, if asked), the last delta with tool calls and the finish
+        reason, usage if asked, [DONE]. Starlette stops this generator when the client
+        disconnects; `finally` then frees the row."""
         tok = self.tok
 
-        def frame(delta: dict, reason: str | None = None) -> str:
+        def frame(delta: dict, reason: str | None = None, upto: int | None = None) -> str:
+            nonlocal scored
+            lp = None
+            if call.logprobs and upto is not None:
+                lp, scored = {"content": logprobs_content(tok, req, scored, upto)}, upto
             return "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}) + "\n\n"
+                {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}]}) + "\n\n"
 
+        scored = 0
         try:
             yield frame({"role": "assistant", "content": ""})
             sent = ""
@@ -677,11 +822,11 @@ class ChatServer:
                     return
                 if kind == "done":
                     break
-                content = streamable_content(tok.decode(req.tokens))
+                content = streamable_content(tok.decode(req.tokens), req.stop)
                 if len(content) > len(sent) and content.startswith(sent):
-                    yield frame({"content": content[len(sent):]})
+                    yield frame({"content": content[len(sent):]}, upto=len(req.tokens))
                     sent = content
-            message = reply_message(tok, req.tokens, call_prefix)
+            message = reply_message(tok, req, call_prefix)
             last = {}
             rest = message["content"] or ""
             if rest.startswith(sent) and rest != sent:
@@ -690,8 +835,9 @@ class ChatServer:
                 last["reasoning_content"] = message["reasoning_content"]
             if message.get("tool_calls"):
                 last["tool_calls"] = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
-            yield frame(last, finish_reason(value, message))
-            if include_usage:
+            yield frame(last, finish_reason(value, message), upto=len(req.tokens))
+            self.metrics.cached_tokens.inc(req.cached)
+            if call.include_usage:
                 chunk = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(req)}
                 yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
@@ -723,7 +869,9 @@ def build(tok, cfg: qwen.DecoderConfig, params, *, model_name: str = "tarl", bat
     heads (-1: all)."""
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens}: must be >= 1 (or None: the rest of the cache)")
-    sampler = sampler_lib.Sampler(cfg, None, cache_len=cache_len,
+    # logprobs "raw": what OpenAI-style clients read as a token's log-prob, whatever the
+    # temperature it was drawn at.
+    sampler = sampler_lib.Sampler(cfg, None, cache_len=cache_len, logprobs="raw",
                                   mesh=sharding.local_tensor_mesh(tensor))
     sampler.place(params)
     return ChatServer(Engine(sampler, tok.stop_ids, batch, chunk, refill_wait_s), tok, model_name,

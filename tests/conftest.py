@@ -33,3 +33,30 @@ def taubench_dir(shared_dir) -> pathlib.Path:
     if not path.is_dir():
         pytest.fail(f"{path} missing inside the shared directory")
     return path
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The project's tiny tokenizer (Qwen's special tokens)."""
+    from tarl_jax.models.tokenizer import ChatTokenizer, tiny_tokenizer_dir
+    return ChatTokenizer(tiny_tokenizer_dir())
+
+
+@pytest.fixture(scope="session")
+def model():
+    """(config, params) of the micro preset with random weights (seed 0)."""
+    import jax
+    from tarl_jax.models import presets, qwen
+    cfg = presets.get("micro")
+    return cfg, jax.jit(lambda k: qwen.init_params(cfg, k))(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def micro_server(tok, model):
+    """The OpenAI-compatible server over `model` (name "micro-test", batch 8, cache 1024,
+    8-token chunks), serving from a background thread."""
+    from tarl_jax import serve
+    srv = serve.build(tok, *model, model_name="micro-test", batch=8, cache_len=1024, chunk=8,
+                      port=0).start()
+    yield srv
+    srv.close()

@@ -15,7 +15,6 @@ import pytest
 from tarl_jax import serve
 from tarl_jax.judge import llm
 from tarl_jax.models import hf, presets, qwen
-from tarl_jax.models.tokenizer import ChatTokenizer, tiny_tokenizer_dir
 from tarl_jax.rl.checkpoint import Checkpointer
 from tarl_jax.sampler import Completion, Sampler
 
@@ -26,17 +25,6 @@ TOOLS = [{"type": "function", "function": {
     "name": "get_order_details", "description": "Look up an order.",
     "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}},
                    "required": ["order_id"]}}}]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return ChatTokenizer(tiny_tokenizer_dir())
-
-
-@pytest.fixture(scope="module")
-def model():
-    cfg = presets.get("micro")
-    return cfg, jax.jit(lambda k: qwen.init_params(cfg, k))(jax.random.key(0))
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +113,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(model=NAME, messages=[{"role": "robot", "content": "x"}]), 400, "messages[0]", None),
         (dict(ok, temperature="hot"), 400, "temperature", "invalid_type"),
         (dict(ok, max_tokens=0), 400, "max_tokens", "invalid_value"),
-        (dict(ok, n=2), 400, "n", "invalid_value"),
+        (dict(ok, n=65), 400, "n", "invalid_value"),
+        (dict(ok, n=2, stream=True), 400, "n", "unsupported_value"),
+        (dict(ok, top_logprobs=3), 400, "top_logprobs", "invalid_value"),
+        (dict(ok, logprobs=True, top_logprobs=21), 400, "top_logprobs", "invalid_value"),
+        (dict(ok, stop=["a", "b", "c", "d", "e"]), 400, "stop", "invalid_value"),
+        (dict(ok, stop=[""]), 400, "stop", "invalid_value"),
         (dict(ok, stream="yes"), 400, "stream", "invalid_type"),
         (dict(ok, model="gpt-4.1"), 404, "model", "model_not_found"),
         (dict(ok, messages=[{"role": "user", "content": "word " * 3 * CACHE}]), 400, "messages",

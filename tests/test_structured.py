@@ -5,7 +5,6 @@ JSON at all; rows without a constraint sample what they would alone."""
 import concurrent.futures
 import json
 
-import jax
 import jsonschema
 import numpy as np
 import openai
@@ -13,10 +12,9 @@ import pytest
 
 from tarl_jax import constrain, serve
 from tarl_jax.judge import llm
-from tarl_jax.models import presets, qwen
-from tarl_jax.models.tokenizer import ChatTokenizer, tiny_tokenizer_dir
 
-NAME, CACHE = "micro-structured", 1024
+NAME = "micro-test"   # conftest.micro_server
+
 CHAT = [{"role": "user", "content": "Return my order as JSON."}]
 SCHEMAS = {
     "order": {"type": "object", "additionalProperties": False,
@@ -45,21 +43,6 @@ TOOLS = [{"type": "function", "function": {
 SEEDS = range(12)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return ChatTokenizer(tiny_tokenizer_dir())
-
-
-@pytest.fixture(scope="module")
-def server(tok):
-    cfg = presets.get("micro")
-    params = jax.jit(lambda k: qwen.init_params(cfg, k))(jax.random.key(0))
-    srv = serve.build(tok, cfg, params, model_name=NAME, batch=8, cache_len=CACHE, chunk=8,
-                      port=0).start()
-    yield srv
-    srv.close()
-
-
 def ask(srv, **kw):
     c = openai.OpenAI(base_url=srv.url, api_key="x", max_retries=0, timeout=300)
     return c.chat.completions.create(**{"model": NAME, "messages": CHAT, "temperature": 1.0,
@@ -72,9 +55,9 @@ def many(srv, bodies):
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
-def test_every_reply_to_a_json_schema_parses_and_validates(server, name):
+def test_every_reply_to_a_json_schema_parses_and_validates(micro_server, name):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMAS[name], "strict": True}}
-    replies = many(server, [dict(response_format=fmt, seed=s) for s in SEEDS])
+    replies = many(micro_server, [dict(response_format=fmt, seed=s) for s in SEEDS])
     texts = set()
     for r in replies:
         choice = r.choices[0]
@@ -84,14 +67,14 @@ def test_every_reply_to_a_json_schema_parses_and_validates(server, name):
     assert len(texts) > len(SEEDS) // 2   # sampled, not one forced string
 
 
-def test_json_object_replies_are_objects_and_free_text_is_not_json(server):
-    replies = many(server, [dict(response_format={"type": "json_object"}, seed=s, max_tokens=64)
+def test_json_object_replies_are_objects_and_free_text_is_not_json(micro_server):
+    replies = many(micro_server, [dict(response_format={"type": "json_object"}, seed=s, max_tokens=64)
                             for s in SEEDS])
     objects = [r for r in replies if r.choices[0].finish_reason == "stop"]
     assert len(objects) >= len(SEEDS) // 2       # an unbounded object may run past 64 tokens
     for r in objects:
         assert isinstance(json.loads(r.choices[0].message.content), dict)
-    free = many(server, [dict(seed=s, max_tokens=64) for s in SEEDS])
+    free = many(micro_server, [dict(seed=s, max_tokens=64) for s in SEEDS])
     assert not any(_is_json(r.choices[0].message.content or "") for r in free)
 
 
@@ -108,23 +91,23 @@ def _calls(reply):
             for c in reply.choices[0].message.tool_calls or ()]
 
 
-def test_required_and_named_tool_choice_force_valid_calls(server):
+def test_required_and_named_tool_choice_force_valid_calls(micro_server):
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-    for reply in many(server, [dict(tools=TOOLS, tool_choice="required", seed=s) for s in SEEDS]):
+    for reply in many(micro_server, [dict(tools=TOOLS, tool_choice="required", seed=s) for s in SEEDS]):
         assert reply.choices[0].finish_reason == "tool_calls" and _calls(reply)
         assert reply.choices[0].message.content is None
         for name, args in _calls(reply):
             jsonschema.validate(args, schemas[name])
     named = {"type": "function", "function": {"name": "cancel_pending_order"}}
-    for reply in many(server, [dict(tools=TOOLS, tool_choice=named, parallel_tool_calls=False,
+    for reply in many(micro_server, [dict(tools=TOOLS, tool_choice=named, parallel_tool_calls=False,
                                     seed=s) for s in SEEDS]):
         [(name, args)] = _calls(reply)
         assert name == "cancel_pending_order"
         jsonschema.validate(args, schemas[name])
 
 
-def test_tool_choice_none_never_writes_a_call(server, tok):
-    for reply in many(server, [dict(tools=TOOLS, tool_choice="none", seed=s, max_tokens=64)
+def test_tool_choice_none_never_writes_a_call(micro_server, tok):
+    for reply in many(micro_server, [dict(tools=TOOLS, tool_choice="none", seed=s, max_tokens=64)
                                for s in SEEDS]):
         assert not reply.choices[0].message.tool_calls
     # the ban is the call token's bit alone
@@ -133,16 +116,16 @@ def test_tool_choice_none_never_writes_a_call(server, tok):
     assert np.flatnonzero(bits == 0).tolist() == [tok._tok.token_to_id("<tool_call>")]
 
 
-def test_a_row_samples_the_same_tokens_beside_grammar_rows_as_alone(server):
-    alone = [ask(server, seed=s, max_tokens=40).choices[0].message.content for s in range(4)]
+def test_a_row_samples_the_same_tokens_beside_grammar_rows_as_alone(micro_server):
+    alone = [ask(micro_server, seed=s, max_tokens=40).choices[0].message.content for s in range(4)]
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMAS["order"]}}
-    mixed = many(server, [dict(seed=s, max_tokens=40) for s in range(4)] +
+    mixed = many(micro_server, [dict(seed=s, max_tokens=40) for s in range(4)] +
                  [dict(response_format=fmt, seed=s) for s in range(4)])
     assert [r.choices[0].message.content for r in mixed[:4]] == alone
 
 
-def test_constraints_that_cannot_hold_are_400s(server):
-    c = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0)
+def test_constraints_that_cannot_hold_are_400s(micro_server):
+    c = openai.OpenAI(base_url=micro_server.url, api_key="x", max_retries=0)
     bad = [dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
            dict(tool_choice="required"),
            dict(tools=TOOLS, tool_choice="always"),
@@ -153,7 +136,7 @@ def test_constraints_that_cannot_hold_are_400s(server):
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model=NAME, messages=CHAT, max_tokens=4, **kw)
         assert e.value.body["param"] in ("tool_choice", "response_format"), (kw, e.value.body)
-    assert ask(server, max_tokens=4).choices[0].finish_reason == "length"   # still serving
+    assert ask(micro_server, max_tokens=4).choices[0].finish_reason == "length"   # still serving
 
 
 def test_the_grammar_mask_allows_exactly_what_the_matcher_accepts(tok):
