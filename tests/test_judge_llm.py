@@ -334,3 +334,25 @@ def test_score_episodes_rewards_the_vote_and_reports_repeats(server, tmp_path):
     assert metrics["judge/repeat_reward_var_mean"] == pytest.approx(rv)
     # Valid verdicts of its own: the LLM judge is compared with the rule judge.
     assert 0.0 <= metrics["judge/llm_vs_rule/turn_exact_agreement"] <= 1.0
+
+
+def test_the_verdict_schema_holds_what_parse_verdict_accepts_but_the_minus_one_count():
+    import jsonschema
+    schema = llm.verdict_schema(3, max_reason_chars=10)
+
+    def verdict(*entries):
+        return {"turns": [{"turn": t, "score": s, "reason": r} for t, s, r in entries]}
+
+    good = verdict((1, 1, "ok"), (2, 0, ""), (3, -1, "wrong id"))
+    jsonschema.validate(good, schema)
+    assert llm.parse_verdict(json.dumps(good), 3)[0] == [1, 0, -1]
+    for bad in (verdict((1, 1, "ok"), (1, 0, ""), (3, 0, "")),        # a turn twice
+                verdict((1, 1, "ok"), (2, 0, "")),                      # one missing
+                verdict((1, 2, "ok"), (2, 0, ""), (3, 0, "")),          # score out of range
+                verdict((1, 1, "much too long"), (2, 0, ""), (3, 0, ""))):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    two = verdict((1, -1, ""), (2, -1, ""), (3, 0, ""))
+    jsonschema.validate(two, schema)                     # the schema cannot count them ...
+    with pytest.raises(llm.InvalidVerdict, match="at most one"):
+        llm.parse_verdict(json.dumps(two), 3)            # ... the parser does

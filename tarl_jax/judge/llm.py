@@ -65,6 +65,8 @@ DEFAULTS = dict(
     price_in_per_1m=0.0,      # USD per 1M prompt tokens, for the cost estimate
     price_out_per_1m=0.0,
     max_tool_chars=None,      # cut tool results to this many characters in the prompt (None: whole)
+    max_reason_chars=160,     # json_mode "schema": the longest reason a turn's entry may hold
+                              # (a grammar-held small model otherwise writes to max_tokens)
     repeats=1,                # judgings per trajectory (see majority_vote)
 )
 
@@ -89,16 +91,18 @@ class InvalidVerdict(ValueError):
     pass
 
 
-def verdict_schema(n_turns: int, max_reason_chars: int = 300) -> dict:
-    """The JSON schema of a verdict on `n_turns` agent turns. What it cannot say (each turn
-    once, at most one -1) parse_verdict checks."""
-    entry = {"type": "object", "additionalProperties": False,
-             "required": ["turn", "score", "reason"],
-             "properties": {"turn": {"type": "integer", "minimum": 1, "maximum": n_turns},
-                            "score": {"enum": [-1, 0, 1]},
-                            "reason": {"type": "string", "maxLength": max_reason_chars}}}
+def verdict_schema(n_turns: int, max_reason_chars: int = 160) -> dict:
+    """The JSON schema of a verdict on `n_turns` agent turns: entry k is turn k (prefixItems),
+    so a server that holds the answer to it gets every turn once, in order. What it cannot say
+    (at most one -1) parse_verdict checks."""
+    def entry(k: int) -> dict:
+        return {"type": "object", "additionalProperties": False,
+                "required": ["turn", "score", "reason"],
+                "properties": {"turn": {"const": k}, "score": {"enum": [-1, 0, 1]},
+                               "reason": {"type": "string", "maxLength": max_reason_chars}}}
     return {"type": "object", "additionalProperties": False, "required": ["turns"],
-            "properties": {"turns": {"type": "array", "items": entry,
+            "properties": {"turns": {"type": "array", "items": False,
+                                     "prefixItems": [entry(k) for k in range(1, n_turns + 1)],
                                      "minItems": n_turns, "maxItems": n_turns}}}
 
 
@@ -314,7 +318,8 @@ class LLMJudge:
         request.update({k: v for k, v in optional.items() if v is not None})
         if c["json_mode"] == "schema":
             request["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "verdict", "schema": verdict_schema(n_turns), "strict": False}}
+                "name": "verdict", "schema": verdict_schema(n_turns, c["max_reason_chars"]),
+                "strict": False}}
         elif c["json_mode"]:
             request["response_format"] = {"type": "json_object"}
         error = ""
