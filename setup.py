@@ -39,6 +39,7 @@ setup(
         # token masks.
         "llguidance>=1.9,<2",
         "prometheus-client>=0.20",   # the server's /metrics
+        "pydantic>=2.6",             # the server's request models (chat_api.py)
         # RL curriculum: task datasets as TFDS builders written to array_record, read with grain
         # (neither needs TensorFlow). tensorflow-datasets 4.9.10 imports importlib_resources on
         # every Python but declares it only below 3.9.

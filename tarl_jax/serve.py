@@ -24,7 +24,8 @@ alternatives. `n` choices: choice k is what n=1 with seed + k returns; admitted 
 copy choice 0's prefilled row instead of prefilling the prompt again (usage counts the prompt
 once); not streamed (400).
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}. GET /health answers
-{"status": "ok"} (without the API key). The HTTP layer is a Starlette app on uvicorn
+{"status": "ok"} (without the API key). Bodies are checked by pydantic models (chat_api.py); the
+HTTP layer is a Starlette app on uvicorn
 (`ChatServer`: its limits); the engine below it is a plain object the app calls.
 
 Batching. One worker thread owns an `engine.Rows` of `batch` rows over the jitted Sampler. It
@@ -80,7 +81,8 @@ from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tarl_jax import constrain
+from tarl_jax import chat_api, constrain
+from tarl_jax.chat_api import ApiError
 from tarl_jax import engine as engine_lib
 from tarl_jax import sampler as sampler_lib
 from tarl_jax import sharding
@@ -89,7 +91,6 @@ from tarl_jax.models import tokenizer as tokenizer_lib
 
 log = logging.getLogger("tarl_jax.serve")
 
-ROLES = ("system", "user", "assistant", "tool")
 
 
 # ----------------------------------------------------------------------------- the batching engine
@@ -135,7 +136,7 @@ class Engine:
     """
 
     # top_logprobs are computed for this many tokens whenever a row asks (one compiled shape).
-    TOP = 20
+    TOP = chat_api.TOP_LOGPROBS
 
     def __init__(self, sampler: sampler_lib.Sampler, stop_ids, batch: int = 8, chunk: int = 16,
                  refill_wait_s: float = 0.01, detokenize=None):
@@ -319,61 +320,6 @@ class Engine:
 
 # ----------------------------------------------------------------------------- requests
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
-
-
-def _get(body: dict, name: str, types, default=None, check=None, why: str = ""):
-    """body[name] (None -> default) checked against `types` (bools are not numbers) and `check`."""
-    value = body.get(name)
-    if value is None:
-        return default
-    types = types if isinstance(types, tuple) else (types,)
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        names = " or ".join(t.__name__ for t in types)
-        raise ApiError(400, f"'{name}' must be {names}, got {type(value).__name__}", name,
-                       "invalid_type")
-    if check is not None and not check(value):
-        raise ApiError(400, f"'{name}'={value!r}: {why}", name, "invalid_value")
-    return value
-
-
-def _check_messages(messages) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", "messages",
-                       "invalid_type" if messages is not None else "missing_required_parameter")
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ApiError(400, f"{where} must be an object with 'role' in {ROLES}", where)
-        if not isinstance(m.get("content"), (str, list, type(None))):
-            raise ApiError(400, f"{where}.content must be a string, a list of parts or null",
-                           f"{where}.content")
-        if not isinstance(m.get("tool_calls") or [], list):
-            raise ApiError(400, f"{where}.tool_calls must be a list", f"{where}.tool_calls")
-        for j, call in enumerate(m.get("tool_calls") or ()):
-            fn = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
-                    not isinstance(fn.get("arguments"), (str, dict)):
-                raise ApiError(400, f"{where}.tool_calls[{j}] needs function.name and "
-                                    "function.arguments", f"{where}.tool_calls")
-
-
-def _check_tools(tools) -> None:
-    if not isinstance(tools, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("function"), dict)
-            and isinstance(t["function"].get("name"), str) for t in tools):
-        raise ApiError(400, "'tools' must be a list of {'type': 'function', 'function': "
-                            "{'name': ..., 'parameters': ...}}", "tools")
-
-
 @dataclasses.dataclass
 class ChatCall:
     request: Request
@@ -393,18 +339,13 @@ class ChatCall:
             for k in range(1, self.n)]
 
 
-def _constraint(body: dict, tools, grammars: constrain.Grammars | None):
+def _constraint(req: chat_api.ChatRequest, tools, grammars: constrain.Grammars | None):
     """(matcher, allow) of the request's response_format / tool_choice (constrain.py)."""
-    choice = body.get("tool_choice", "auto")
-    named = isinstance(choice, dict) and choice.get("type") == "function" and \
-        isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
-    if choice not in ("none", "auto", "required") and not named:
-        raise ApiError(400, "'tool_choice' must be 'none', 'auto', 'required' or {'type': "
-                            "'function', 'function': {'name': ...}}", "tool_choice", "invalid_value")
-    fmt = _get(body, "response_format", dict, {},
-               lambda f: f.get("type") in (None, "text", "json_object", "json_schema"),
-               "type must be text, json_object or json_schema")
-    parallel = _get(body, "parallel_tool_calls", bool, True)
+    choice = req.tool_choice or "auto"
+    if isinstance(choice, chat_api.NamedToolChoice):
+        choice = choice.model_dump()
+    fmt = req.response_format.model_dump() if req.response_format else {}
+    parallel = req.parallel_tool_calls is not False
     if choice == "none":
         # the reply is text: no call token, and the format, if any, holds for it
         tools = None
@@ -428,35 +369,26 @@ def _constraint(body: dict, tools, grammars: constrain.Grammars | None):
 def parse_chat(body: Any, model_name: str, tok: tokenizer_lib.ChatTokenizer, cache_len: int,
                enable_thinking: bool, default_max_tokens: int | None = None,
                grammars: constrain.Grammars | None = None) -> ChatCall:
-    """A /v1/chat/completions body -> a Request for the engine; ApiError says what is wrong.
-    A request without max_tokens gets `default_max_tokens` (None: the rest of the cache).
-    grammars: what enforces response_format and tool_choice (None: only text and "auto")."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    model = _get(body, "model", str)
-    if model is None:
-        raise ApiError(400, "'model' is required", "model", "missing_required_parameter")
-    if model != model_name:
-        raise ApiError(404, f"model {model!r} does not exist; this server has {model_name!r}",
-                       "model", "model_not_found")
-    _check_messages(body.get("messages"))
+    """A /v1/chat/completions body -> a Request for the engine; ApiError says what is wrong
+    (chat_api: the body's own checks). A request without max_tokens gets
+    `default_max_tokens` (None: the rest of the cache). grammars: what enforces response_format
+    and tool_choice (None: only text and "auto")."""
+    req = chat_api.parse(body)
+    if req.model != model_name:
+        raise ApiError(404, f"model {req.model!r} does not exist; this server has "
+                            f"{model_name!r}", "model", "model_not_found")
     tools = body.get("tools") or None
-    if tools is not None:
-        _check_tools(tools)
-    n = _get(body, "n", int, 1, lambda n: 1 <= n <= 64, "must be in [1, 64]")
-    stop = _get(body, "stop", (str, list), [], lambda s: isinstance(s, str) or (
-        len(s) <= 4 and all(isinstance(x, str) and x for x in s)), "up to 4 non-empty strings")
-    stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    logprobs = _get(body, "logprobs", bool, False)
-    top = _get(body, "top_logprobs", int, 0, lambda k: 0 <= k <= Engine.TOP and (logprobs or not k),
-               f"must be in [0, {Engine.TOP}], with logprobs true")
-    if n > 1 and _get(body, "stream", bool, False):
+    n, logprobs, top = req.n or 1, bool(req.logprobs), req.top_logprobs or 0
+    if top and not logprobs:
+        raise ApiError(400, "'top_logprobs' needs logprobs true", "top_logprobs", "invalid_value")
+    if n > 1 and req.stream:
         raise ApiError(400, "n > 1 is not streamed here; send stream=false", "n",
                        "unsupported_value")
-    matcher, allow = _constraint(body, tools, grammars)
-    kwargs = _get(body, "chat_template_kwargs", dict, {})
+    matcher, allow = _constraint(req, tools, grammars)
     # A constrained reply starts at its first token (the grammar has no <think> block).
-    thinking = _get(kwargs, "enable_thinking", bool, enable_thinking) and matcher is None
+    thinking = (enable_thinking if req.chat_template_kwargs is None or
+                req.chat_template_kwargs.enable_thinking is None else
+                req.chat_template_kwargs.enable_thinking) and matcher is None
     try:
         prompt = tok.render(body["messages"], tools, add_generation_prompt=True,
                             enable_thinking=thinking).ids
@@ -467,21 +399,16 @@ def parse_chat(body: Any, model_name: str, tok: tokenizer_lib.ChatTokenizer, cac
         raise ApiError(400, f"this model's maximum context length is {cache_len} tokens; the "
                             f"prompt has {len(prompt)} (and the reply needs at least one more)",
                        "messages", "context_length_exceeded")
-    max_tokens = _get(body, "max_completion_tokens", int, None, lambda n: n >= 1, "must be >= 1")
-    max_tokens = max_tokens or _get(body, "max_tokens", int, None, lambda n: n >= 1, "must be >= 1")
+    max_tokens = req.max_completion_tokens or req.max_tokens
     max_tokens = min(max_tokens or default_max_tokens or cache_len, cache_len - len(prompt))
-    seed = _get(body, "seed", int, None)
-    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed % 2 ** 32
-    options = _get(body, "stream_options", dict, {})
+    seed = int.from_bytes(os.urandom(4), "little") if req.seed is None else req.seed % 2 ** 32
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     return ChatCall(
-        Request(prompt, max_tokens,
-                temperature=float(_get(body, "temperature", (int, float), 1.0, lambda t: 0 <= t <= 2,
-                                       "must be in [0, 2]")),
-                top_p=float(_get(body, "top_p", (int, float), 1.0, lambda p: 0 < p <= 1,
-                                 "must be in (0, 1]")),
-                seed=seed, matcher=matcher, allow=allow, stop=stop, top_logprobs=top),
-        stream=_get(body, "stream", bool, False),
-        include_usage=_get(options, "include_usage", bool, False), n=n, logprobs=logprobs)
+        Request(prompt, max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, seed=seed, matcher=matcher,
+                allow=allow, stop=stop, top_logprobs=top),
+        stream=bool(req.stream), n=n, logprobs=logprobs,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 
 # ----------------------------------------------------------------------------- replies

@@ -110,7 +110,22 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (b"{not json", 400, None, "invalid_json"),
         (dict(model=NAME), 400, "messages", "missing_required_parameter"),
         (dict(model=NAME, messages="hi"), 400, "messages", "invalid_type"),
-        (dict(model=NAME, messages=[{"role": "robot", "content": "x"}]), 400, "messages[0]", None),
+        (dict(model=NAME, messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role",
+         "invalid_value"),
+        (dict(model=NAME, messages=[]), 400, "messages", "invalid_value"),
+        (dict(model=NAME, messages=[{"role": "user", "content": 5}]), 400, "messages[0].content",
+         "invalid_type"),
+        (dict(model=NAME, messages=[{"role": "assistant", "tool_calls": [{"function": {}}]}]),
+         400, "messages[0].tool_calls[0].function.name", "missing_required_parameter"),
+        (dict(ok, tools=[{"type": "function"}]), 400, "tools[0].function",
+         "missing_required_parameter"),
+        (dict(ok, max_tokens=2.5), 400, "max_tokens", "invalid_type"),
+        (dict(ok, seed=True), 400, "seed", "invalid_type"),
+        (dict(ok, stop=5), 400, "stop", "invalid_type"),
+        (dict(ok, tool_choice="always"), 400, "tool_choice", "invalid_value"),
+        (dict(ok, response_format={"type": "xml"}), 400, "response_format.type", "invalid_value"),
+        (dict(ok, stream_options={"include_usage": "yes"}), 400,
+         "stream_options.include_usage", "invalid_type"),
         (dict(ok, temperature="hot"), 400, "temperature", "invalid_type"),
         (dict(ok, max_tokens=0), 400, "max_tokens", "invalid_value"),
         (dict(ok, n=65), 400, "n", "invalid_value"),
@@ -118,7 +133,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(ok, top_logprobs=3), 400, "top_logprobs", "invalid_value"),
         (dict(ok, logprobs=True, top_logprobs=21), 400, "top_logprobs", "invalid_value"),
         (dict(ok, stop=["a", "b", "c", "d", "e"]), 400, "stop", "invalid_value"),
-        (dict(ok, stop=[""]), 400, "stop", "invalid_value"),
+        (dict(ok, stop=[""]), 400, "stop[0]", "invalid_value"),
         (dict(ok, stream="yes"), 400, "stream", "invalid_type"),
         (dict(ok, model="gpt-4.1"), 404, "model", "model_not_found"),
         (dict(ok, messages=[{"role": "user", "content": "word " * 3 * CACHE}]), 400, "messages",
@@ -344,7 +359,7 @@ def test_limits_answer_4xx_before_reading_or_tokenising(server):
     assert status == 413
     ok = dict(model=NAME, max_tokens=4)
     cases = [(json.dumps(dict(ok, messages=[{"role": "assistant", "content": "x", "tool_calls": 5}])),
-              "messages[0].tool_calls", None),
+              "messages[0].tool_calls", "invalid_type"),
              ("[" * 100_000 + "]" * 100_000, None, "invalid_json")]
     for body, param, code in cases:
         status, payload = raw(server, "POST", "/v1/chat/completions", body.encode())
