@@ -12,6 +12,27 @@ import numpy as np
 from tarl_jax.sandbox import reward as sandbox_reward
 
 
+class _Compiles:
+    """XLA compilations in this process, counted from jax.monitoring's backend-compile event
+    (`COMPILES.count`, `.seconds`). A step that compiles after the first ones pays for a shape
+    it has not seen (a new pack or sampler bucket) or for a retrace."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count, self.seconds, self.names = 0, 0.0, []
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, fun_name: str = "?", **_):
+        if event == self.EVENT:
+            self.count += 1
+            self.seconds += duration
+            self.names.append(fun_name)
+
+
+COMPILES = _Compiles()
+
+
 class MetricWriter:
     """metrics.jsonl (always) + TensorBoard event files (tensorboardX, no TensorFlow).
 

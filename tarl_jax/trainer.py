@@ -94,6 +94,7 @@ class Trainer:
         self.score = step_lib.make_score_fn(self.model_cfg, self.step_cfg, self.mesh,
                                             self.state_sh["params"], self.keys, self.rules)
         self.ckpt = ckpt_lib.Checkpointer.for_workdir(self.workdir, save_every=c.checkpoint_every)
+        self._stepped = False   # an RL step ran in this process (later ones should not compile)
         self.rng = jax.random.key(c.seed)
         self.sampler = Sampler(self.model_cfg, params, cache_len=c.rollout.cache_len,
                                audio_token_id=self.audio_id, rules=self.rules,
@@ -292,6 +293,7 @@ class Trainer:
             return sft.control_step(state, self.train_step, self.demonstrations(), key, c.seed,
                                     step, c.rl.get("sft_seconds", 0.0))
         t0 = time.perf_counter()
+        compiled = metrics_lib.COMPILES.count, metrics_lib.COMPILES.seconds
         batch = self.curriculum.next(step)   # this host's block of the step's tasks
         tasks, kind = batch.tasks, batch.kind
         g = c.rollout.samples_per_task
@@ -332,6 +334,14 @@ class Trainer:
                    if all(k in h for h in hosts)}
         metrics.update({k: float(v) for k, v in jax.device_get(m).items()})  # global already
         metrics["time/step_s"] = time.perf_counter() - t0
+        compiles = metrics_lib.COMPILES
+        metrics["compile/count"] = compiles.count - compiled[0]
+        metrics["compile/seconds"] = compiles.seconds - compiled[1]
+        if self._stepped and metrics["compile/count"]:   # the first step compiles everything
+            log.info("step %d compiled %d programs (%.1f s): %s", step + 1,
+                     metrics["compile/count"], metrics["compile/seconds"],
+                     ", ".join(compiles.names[compiled[0]:]))
+        self._stepped = True
         return state, metrics
 
     def save_episodes(self, step: int, episodes) -> None:

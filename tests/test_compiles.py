@@ -1,0 +1,27 @@
+"""Compilations are counted (metrics.COMPILES, jax.monitoring's backend-compile event) and an
+RL step that repeats work already done compiles nothing: no retrace from a fresh sampler, pack
+or jitted closure per step."""
+import collections
+
+import jax
+
+from tarl_jax import configlib, metrics, trainer
+
+
+def test_a_repeated_rl_step_compiles_nothing_and_the_step_reports_its_compiles(tmp_path):
+    c = configlib.load("configs/tiny.py", "runlocal")
+    c.model.preset, c.warmstart.steps, c.total_steps = "micro", 2, 3
+    t = trainer.Trainer(c, str(tmp_path))
+    state, _ = t.init_or_restore()
+    again = jax.tree.map(lambda x: x.copy(), state)   # the step donates its input
+    start = t.curriculum.get_state()
+    n0 = metrics.COMPILES.count
+    state, first = t.rl_step(state, 0)
+    names = collections.Counter(metrics.COMPILES.names[n0:])
+    assert first["compile/count"] == sum(names.values()) > 0 and first["compile/seconds"] > 0
+    assert names["jit(traced)"] == 1                  # the train step, once
+    n1 = metrics.COMPILES.count
+    t.curriculum.set_state(start)
+    _, repeat = t.rl_step(again, 0)                   # the same tasks, samples and shapes
+    assert repeat["compile/count"] == 0, metrics.COMPILES.names[n1:]
+    assert repeat["loss"] == first["loss"]            # and it was the same work
