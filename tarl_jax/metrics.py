@@ -139,6 +139,9 @@ def summary(meta: dict, workdir: pathlib.Path) -> str:
                          f"{first['pass^1/no_write']:.3f} -> {last['pass^1/no_write']:.3f}")
         lines.append("evaluations: " + ", ".join(f"step {e['step']} {_headline(e)[1]:.3f}"
                                                   for e in evals))
+    phases = time_phases(meta.get("history", []))
+    if phases:
+        lines.append("time per RL step: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     ws = meta.get("warmstart")
     if ws:
         # A loaded file (warmstart.init) says where it came from; older or intermediate files
@@ -151,6 +154,18 @@ def summary(meta: dict, workdir: pathlib.Path) -> str:
     lines.append(f"plot {workdir / 'reward.png'}; checkpoints {workdir / 'checkpoints'}; "
                  f"episodes {workdir / 'episodes'}; metrics {workdir / 'metrics.jsonl'}")
     return "\n".join(lines)
+
+
+PHASES = {"decode": "time/rollout_decode_s", "prefill": "time/rollout_prefill_s",
+          "host (sandbox, user, rendering)": "time/rollout_host_s", "judge": "time/judge_s",
+          "pack": "time/pack_s", "update": "time/update_s", "whole step": "time/step_s"}
+
+
+def time_phases(history: list[dict]) -> dict[str, float]:
+    """Mean seconds per RL step of each phase, over the steps after the first (which compiles);
+    {} when the history has no such figures (the SFT control, an old run)."""
+    rows = [h for h in history[1:] or history if all(k in h for k in PHASES.values())]
+    return {name: float(np.mean([h[k] for h in rows])) for name, k in PHASES.items()} if rows else {}
 
 
 def plot(meta: dict, path: pathlib.Path):

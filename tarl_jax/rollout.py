@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -95,6 +96,9 @@ class LockstepEngine:
         self.cond = threading.Condition()
         self.rounds = 0
         self.generated_tokens = 0
+        # Seconds of the rounds: prefill, decode, and waiting for the episodes' host work
+        # (sandbox tools, the user simulator, rendering and parsing turns).
+        self.seconds = {"prefill_s": 0.0, "decode_s": 0.0, "host_s": 0.0}
         self.error: Exception | None = None   # a failed batched call fails every waiting episode
 
     # Called from episode threads.
@@ -129,12 +133,15 @@ class LockstepEngine:
         rows = engine_lib.Rows(self.sampler, self.slots, empty=False)
         cache_len = self.sampler.cache_len
         while True:
+            t0 = time.perf_counter()
             with self.cond:
                 while self.live and not set(self.live) <= set(self.pending):
                     self.cond.wait()
                 if not self.live:
                     return
                 requests, self.pending = dict(self.pending), {}
+            t1 = time.perf_counter()
+            self.seconds["host_s"] += t1 - t0
             new = [[] for _ in range(self.slots)]
             refs: list[list[str]] = [[] for _ in range(self.slots)]
             max_new = [0] * self.slots
@@ -152,10 +159,14 @@ class LockstepEngine:
             # One encoder call for every utterance of the round (cached ones are free).
             audio = [self.speech.stream(r) for r in refs] if any(refs) else None
             rows.prefill(new, audio, pad=self.tok.pad_id)
+            jax.block_until_ready(rows.state)   # decode waits for it anyway: only the clock sees it
+            t2 = time.perf_counter()
             outs = rows.decode(
                 engine_lib.row_keys(self.episode_keys, np.full(self.slots, self.rounds, np.uint32)),
                 max_new_tokens=max_new, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
                 top_k=self.cfg.top_k, stop_tokens=self.tok.stop_ids)
+            self.seconds["prefill_s"] += t2 - t1
+            self.seconds["decode_s"] += time.perf_counter() - t2
             self.rounds += 1
             with self.cond:
                 for slot in requests:
@@ -261,7 +272,8 @@ def run_batch(tasks: Sequence, run_one: Callable[[Any, Callable], Episode], samp
     Returns (episodes, stats)."""
     episode_ids = list(range(len(tasks)) if episode_ids is None else episode_ids)
     if max_rows and len(tasks) > max_rows:
-        episodes, stats = [], {"rounds": 0, "generated_tokens": 0}
+        episodes, stats = [], {"rounds": 0, "generated_tokens": 0, "prefill_s": 0.0,
+                               "decode_s": 0.0, "host_s": 0.0}
         for i in range(0, len(tasks), max_rows):
             eps, st = run_batch(tasks[i:i + max_rows], run_one, sampler, tokenizer, cfg, rng,
                                 tool_view, episode_ids[i:i + max_rows], speech)
@@ -284,7 +296,8 @@ def run_batch(tasks: Sequence, run_one: Callable[[Any, Callable], Episode], samp
         futures = pool.map(one, enumerate(tasks))
         engine.serve()
         episodes = list(futures)
-    return episodes, {"rounds": engine.rounds, "generated_tokens": engine.generated_tokens}
+    return episodes, {"rounds": engine.rounds, "generated_tokens": engine.generated_tokens,
+                      **engine.seconds}
 
 
 def mark_speech(ep: Episode) -> None:

@@ -302,12 +302,14 @@ class Trainer:
         t_roll = time.perf_counter() - t0
         rewards, turn_r, metrics = score.score_episodes(
             episodes, [t for t in tasks for _ in range(g)], c)
+        t_judge = time.perf_counter()
         if c.save_episodes:
             self.save_episodes(step + 1, episodes)
         packed = batch_lib.rl_batch(c, episodes, rewards, turn_r, np.repeat(np.arange(len(tasks)), g),
                                     speech=self.speech, audio_token_id=self.audio_id or -1,
                                     train_audio=self.train_audio)
         dev = step_lib.device_batch(packed.arrays, self.keys, self.mesh, self.rules)
+        t_pack = time.perf_counter()
         if self.ppo:
             _, dev["values"] = self.score(state["params"], dev)
         if c.rl.kl_coef:
@@ -315,8 +317,15 @@ class Trainer:
             dev["ref_logprobs"], _ = self.score({**state["params"], **self.ref_params}, dev)
         for epoch in range(c.rl.epochs):
             state, m = self.train_step(state, dev, jax.random.fold_in(key, epoch))
+        m = jax.device_get(m)   # waits for the update: the clock below sees it
+        t_update = time.perf_counter()
+        # Where a step's time goes (the rollout's rounds: prefill, decode, and the episodes' host
+        # work between them: sandbox, user simulator, rendering).
         metrics.update({
             "time/rollout_s": t_roll,
+            **{f"time/rollout_{k}": rstats[k] for k in ("prefill_s", "decode_s", "host_s")},
+            "time/judge_s": t_judge - t0 - t_roll, "time/pack_s": t_pack - t_judge,
+            "time/update_s": t_update - t_pack,
             "rollout/gen_tokens": rstats["generated_tokens"], "rollout/rounds": rstats["rounds"],
             "rollout/agent_turns": float(np.mean([len(ep.agent_turns) for ep in episodes])),
             # e.g. the dialogue outgrew rollout.cache_len (ContextFull): worth a look when > 0
@@ -332,7 +341,7 @@ class Trainer:
         hosts = distributed.allgather_json(metrics)
         metrics = {k: float(np.mean([h[k] for h in hosts])) for k in hosts[0]
                    if all(k in h for h in hosts)}
-        metrics.update({k: float(v) for k, v in jax.device_get(m).items()})  # global already
+        metrics.update({k: float(v) for k, v in m.items()})  # global already
         metrics["time/step_s"] = time.perf_counter() - t0
         compiles = metrics_lib.COMPILES
         metrics["compile/count"] = compiles.count - compiled[0]

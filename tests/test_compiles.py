@@ -25,3 +25,22 @@ def test_a_repeated_rl_step_compiles_nothing_and_the_step_reports_its_compiles(t
     _, repeat = t.rl_step(again, 0)                   # the same tasks, samples and shapes
     assert repeat["compile/count"] == 0, metrics.COMPILES.names[n1:]
     assert repeat["loss"] == first["loss"]            # and it was the same work
+
+
+def test_the_phases_of_a_step_add_up_to_at_most_the_step(tmp_path):
+    c = configlib.load("configs/tiny.py", "runlocal")
+    c.model.preset, c.warmstart.steps, c.total_steps = "micro", 2, 2
+    t = trainer.Trainer(c, str(tmp_path))
+    state, _ = t.init_or_restore()
+    history = []
+    for step in range(2):
+        state, m = t.rl_step(state, step)
+        history.append(m)
+    phases = metrics.time_phases(history)
+    parts = [v for k, v in phases.items() if k != "whole step"]
+    assert len(parts) == 6 and all(v >= 0 for v in parts)
+    assert phases["decode"] > 0 and phases["update"] > 0
+    assert sum(parts) <= phases["whole step"] + 1e-3
+    assert m["time/rollout_decode_s"] + m["time/rollout_prefill_s"] + m["time/rollout_host_s"] \
+        <= m["time/rollout_s"] + 1e-3
+    assert "time per RL step: decode" in metrics.summary({"history": history}, tmp_path)
