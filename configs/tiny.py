@@ -49,6 +49,8 @@ def get_config(arg: str | None = None):
     c.eval_every = 3
     c.checkpoint_every = 2
     c.save_episodes = True                 # workdir/episodes/step*_host*.jsonl
+    c.profile_step = 0                     # > 0: a jax.profiler trace of that RL step (1-based)
+                                           # in workdir/profile (TensorBoard's profile tab, Perfetto)
 
     # tokenizer: tiny | qwen3 | hf (hf_dir's own) | a directory.
     # audio: "" text only; an audio preset (tiny) or "hf" (hf_dir is a Qwen2.5-Omni checkpoint)

@@ -375,7 +375,12 @@ class Trainer:
         try:
             for step in metrics_lib.progress(range(start, c.total_steps), "rl", initial=start,
                                              total=c.total_steps):
-                state, metrics = self.rl_step(state, step)
+                if step + 1 == c.get("profile_step", 0):
+                    with jax.profiler.trace(str(self.workdir / "profile")):
+                        state, metrics = self.rl_step(state, step)
+                    log.info("profile of step %d in %s", step + 1, self.workdir / "profile")
+                else:
+                    state, metrics = self.rl_step(state, step)
                 done = step + 1
                 nonfinite = nonfinite + 1 if metrics.get("nonfinite") else 0
                 if nonfinite:

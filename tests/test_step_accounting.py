@@ -1,6 +1,6 @@
-"""Compilations are counted (metrics.COMPILES, jax.monitoring's backend-compile event) and an
-RL step that repeats work already done compiles nothing: no retrace from a fresh sampler, pack
-or jitted closure per step."""
+"""What an RL step reports about itself: compilations (metrics.COMPILES, jax.monitoring's
+backend-compile event; a step repeating work already done compiles nothing: no retrace from a
+fresh sampler, pack or jitted closure per step), where its time goes, a profile on request."""
 import collections
 
 import jax
@@ -44,3 +44,12 @@ def test_the_phases_of_a_step_add_up_to_at_most_the_step(tmp_path):
     assert m["time/rollout_decode_s"] + m["time/rollout_prefill_s"] + m["time/rollout_host_s"] \
         <= m["time/rollout_s"] + 1e-3
     assert "time per RL step: decode" in metrics.summary({"history": history}, tmp_path)
+
+
+def test_profile_step_writes_a_trace_of_that_step(tmp_path):
+    c = configlib.load("configs/tiny.py", "runlocal")
+    c.model.preset, c.warmstart.steps, c.total_steps, c.eval_every = "micro", 2, 2, 2
+    c.profile_step = 2
+    trainer.Trainer(c, str(tmp_path)).run()
+    [trace] = (tmp_path / "profile").rglob("*.xplane.pb")
+    assert trace.stat().st_size > 0
