@@ -92,5 +92,25 @@ def check_run(config, world, tok, tool_view) -> dict:
         eps = expert_episodes(world, tok, tool_view, tasks)
         out[split] = check(eps, r.max_turn_tokens, r.cache_len, c.world.max_steps)
         enforce(out[split], split, limits, r.infeasible)
+    warning = pack_room(c)
+    if warning:
+        log.warning("limits: %s", warning)
     log.info("limits: checked in %.1f s", time.perf_counter() - t0)
     return out
+
+
+def pack_room(config) -> str:
+    """What a step's packing may not hold ("" if it holds the worst case): episodes longer than
+    half the longest row each take a row of their own, so a step's episodes, each up to
+    rollout.cache_len tokens, may need one row apiece. Said at start-up, not after the step's
+    rollouts."""
+    r, p = config.rollout, config.pack
+    episodes = r.tasks_per_step * r.samples_per_task
+    seq = max(p.seq_lens)
+    need = -(-episodes // max(1, seq // r.cache_len))
+    if need <= max(p.rows):
+        return ""
+    return (f"a step's {episodes} episodes of up to {min(r.cache_len, seq)} tokens may need "
+            f"{need} rows of {seq}, and pack.rows tops at {max(p.rows)}: a step whose episodes "
+            f"run long stops at packing, after its rollouts; add a bucket (e.g. "
+            f"--config.pack.rows='{tuple(sorted(set(p.rows) | {need}))}')")

@@ -86,3 +86,19 @@ def test_level_0_prompt_names_its_tool_instead_of_listing_schemas():
     assert len(a.agent_turns[0].prompt_ids) * 4 < len(b.agent_turns[0].prompt_ids)
     assert a.reward == b.reward == 1.0
     assert [t.message for t in a.agent_turns] == [t.message for t in b.agent_turns]
+
+
+def test_a_step_that_packing_may_not_hold_is_said_at_start_up():
+    from tarl_jax import configlib
+    from tarl_jax.limits import pack_room
+    c = configlib.load("configs/tiny.py", "level=1")
+    assert pack_room(c) == ""                       # 16 episodes, rows up to 16 of 4096
+    c.rollout.tasks_per_step = 16                   # what stopped a level-1 step after rollouts
+    assert "64 episodes of up to 4096 tokens may need 64 rows" in pack_room(c)
+    c.pack.rows = (4, 8, 16, 64)
+    assert pack_room(c) == ""
+    c = configlib.load("configs/tiny.py", "demo")   # 64 episodes of <= 2048: 64 rows of 2048
+    assert pack_room(c) == ""
+    c.rollout.cache_len, c.pack.seq_lens = 1024, (2048,)
+    c.pack.rows = (32,)                             # two a row fit
+    assert pack_room(c) == ""
