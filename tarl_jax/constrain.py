@@ -29,11 +29,6 @@ class ConstraintError(ValueError):
     """The request's response_format / tool_choice cannot be enforced (the message says why)."""
 
 
-def words(vocab_size: int) -> int:
-    """int32 words of one row's bitmask."""
-    return (vocab_size + 31) // 32
-
-
 def allow_all(rows: int, vocab_size: int) -> np.ndarray:
     return llnp.allocate_token_bitmask(rows, vocab_size)
 
