@@ -23,11 +23,13 @@ def main_cmd(workdir):
 
 
 def metrics(workdir) -> dict[int, dict]:
-    """Last record per step (a resumed run rewrites the steps after its checkpoint)."""
+    """Last record per step (a resumed run rewrites the steps after its checkpoint), without
+    the figures of the process rather than the training: wall times and compilations (a
+    resumed run compiles again at its first step)."""
     out = {}
     for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out[rec["step"]] = {k: v for k, v in rec.items() if not k.startswith("time/")}
+        out[rec["step"]] = {k: v for k, v in rec.items() if not k.startswith(("time/", "compile/"))}
     return out
 
 
