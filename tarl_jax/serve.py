@@ -135,9 +135,6 @@ class Engine:
     ("done", finish_reason) or ("error", message).
     """
 
-    # top_logprobs are computed for this many tokens whenever a row asks (one compiled shape).
-    TOP = chat_api.TOP_LOGPROBS
-
     def __init__(self, sampler: sampler_lib.Sampler, stop_ids, batch: int = 8, chunk: int = 16,
                  refill_wait_s: float = 0.01, detokenize=None):
         self.sampler, self.stop_ids, self.batch, self.chunk = sampler, list(stop_ids), batch, chunk
@@ -310,7 +307,9 @@ class Engine:
         return cache.decode(keys, max_new_tokens=max_new, temperature=[r.temperature for r in live],
                             top_p=[r.top_p for r in live], stop_tokens=self.stop_ids, allow=allow,
                             first_step=[n - c for n, c in zip(done, starts)],
-                            top_logprobs=self.TOP if any(r.top_logprobs for r in live) else 0)
+                            # the most any row may ask, whenever one asks: one compiled shape
+                            top_logprobs=chat_api.TOP_LOGPROBS if any(r.top_logprobs for r in live)
+                            else 0)
 
     def tokens_per_s(self, window_s: float = 10.0) -> float:
         """Generated tokens a second over the last `window_s` seconds."""
