@@ -167,13 +167,18 @@ class Trainer:
         """Run the warm start on the training split and write its policy to `path` (the file
         `warmstart.init` names), with its provenance and cost. With warmstart.init set, SFT
         continues from that file for warmstart.steps more (a fresh optimizer; steps and
-        seconds count on from the file's)."""
+        seconds count on from the file's). With warmstart.climb the file may come from another
+        level of the world (the ladder's curriculum): steps count from 0 on this one, seconds
+        on from the file's, and the file's world and steps are recorded."""
         t0, c = time.perf_counter(), self.config
         params, start, spent, before = self._initial_params, 0, 0.0, {}
         if c.warmstart.get("init"):
-            params, loaded = ckpt_lib.load_warm_start(c, params)
-            start, spent = loaded["steps"], loaded["seconds"]
+            climb = c.warmstart.get("climb", False)
+            params, loaded = ckpt_lib.load_warm_start(c, params, any_world=climb)
+            start, spent = (0 if climb else loaded["steps"]), loaded["seconds"]
             before = {"continued_from": loaded["init"]}
+            if climb:
+                before["climbed_from"] = {"world": loaded["world"], "steps": loaded["steps"]}
 
         def meta_at(steps, figures):
             return {**ckpt_lib.warm_start_provenance(c), "sft": figures, "steps": steps,
@@ -308,16 +313,25 @@ class Trainer:
         packed = batch_lib.rl_batch(c, episodes, rewards, turn_r, np.repeat(np.arange(len(tasks)), g),
                                     speech=self.speech, audio_token_id=self.audio_id or -1,
                                     train_audio=self.train_audio)
-        dev = step_lib.device_batch(packed.arrays, self.keys, self.mesh, self.rules)
         t_pack = time.perf_counter()
-        if self.ppo:
-            _, dev["values"] = self.score(state["params"], dev)
-        if c.rl.kl_coef:
-            # The PPO critic rides along unused: the score fn is compiled for the full params tree.
-            dev["ref_logprobs"], _ = self.score({**state["params"], **self.ref_params}, dev)
-        for epoch in range(c.rl.epochs):
-            state, m = self.train_step(state, dev, jax.random.fold_in(key, epoch))
-        m = jax.device_get(m)   # waits for the update: the clock below sees it
+        if self._has_signal(packed.arrays):
+            dev = step_lib.device_batch(packed.arrays, self.keys, self.mesh, self.rules)
+            t_pack = time.perf_counter()
+            if self.ppo:
+                _, dev["values"] = self.score(state["params"], dev)
+            if c.rl.kl_coef:
+                # The PPO critic rides along unused: the score fn is compiled for the full params
+                # tree.
+                dev["ref_logprobs"], _ = self.score({**state["params"], **self.ref_params}, dev)
+            for epoch in range(c.rl.epochs):
+                state, m = self.train_step(state, dev, jax.random.fold_in(key, epoch))
+            m = jax.device_get(m)   # waits for the update: the clock below sees it
+        else:
+            # Every advantage is 0 (each group tied): the step would compute a full forward and
+            # backward only to discard them (rl.skip_no_signal). Skipped here instead: no loss,
+            # gradient or entropy figures for this step, and the optimizer does not move.
+            state = {**state, "step": jax.device_put(np.int32(step + 1), state["step"].sharding)}
+            m = {"skipped": 1.0, "nonfinite": 0.0}
         t_update = time.perf_counter()
         # Where a step's time goes (the rollout's rounds: prefill, decode, and the episodes' host
         # work between them: sandbox, user simulator, rendering).
@@ -352,6 +366,15 @@ class Trainer:
                      ", ".join(compiles.names[compiled[0]:]))
         self._stepped = True
         return state, metrics
+
+    def _has_signal(self, arrays) -> bool:
+        """Whether any host's packed batch has a non-zero advantage on a trained token (always,
+        for PPO, whose advantages come from the critic in the step, or with rl.skip_no_signal
+        off)."""
+        if self.ppo or not self.config.rl.skip_no_signal:
+            return True
+        here = bool(np.any((arrays["advantages"] != 0) & arrays["loss_mask"].astype(bool)))
+        return any(distributed.allgather_json(here))
 
     def save_episodes(self, step: int, episodes) -> None:
         """Each host writes its own episodes (inputs of `python -m tarl_jax.judge.reliability`)."""

@@ -11,6 +11,7 @@ from tarl_jax import configlib, metrics, trainer
 def test_a_repeated_rl_step_compiles_nothing_and_the_step_reports_its_compiles(tmp_path):
     c = configlib.load("configs/tiny.py", "runlocal")
     c.model.preset, c.warmstart.steps, c.total_steps = "micro", 2, 3
+    c.rl.skip_no_signal = False   # the device step runs even if every group ties (2 SFT steps)
     t = trainer.Trainer(c, str(tmp_path))
     state, _ = t.init_or_restore()
     again = jax.tree.map(lambda x: x.copy(), state)   # the step donates its input
@@ -30,6 +31,7 @@ def test_a_repeated_rl_step_compiles_nothing_and_the_step_reports_its_compiles(t
 def test_the_phases_of_a_step_add_up_to_at_most_the_step(tmp_path):
     c = configlib.load("configs/tiny.py", "runlocal")
     c.model.preset, c.warmstart.steps, c.total_steps = "micro", 2, 2
+    c.rl.skip_no_signal = False
     t = trainer.Trainer(c, str(tmp_path))
     state, _ = t.init_or_restore()
     history = []
@@ -53,3 +55,29 @@ def test_profile_step_writes_a_trace_of_that_step(tmp_path):
     trainer.Trainer(c, str(tmp_path)).run()
     [trace] = (tmp_path / "profile").rglob("*.xplane.pb")
     assert trace.stat().st_size > 0
+
+
+def test_per_turn_advantages_compile_once_whatever_the_longest_episode():
+    """The turn axis is padded to a fixed width: per-turn credit no longer compiles its
+    returns-to-go scan again each step the longest episode's turn count changes."""
+    import types
+
+    import numpy as np
+
+    from tarl_jax.rl import advantages, batch
+
+    c = configlib.load("configs/tiny.py", "runlocal,credit=per_turn")
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(2), 4)
+    for i, k in enumerate((3, 5, 7, 2)):
+        turns = rng.integers(1, k + 1, size=8)
+        turns[0] = k
+        r = np.where(np.arange(k) < turns[:, None], rng.normal(size=(8, k)), 0).astype(np.float32)
+        eps = [types.SimpleNamespace(agent_turns=[None] * n) for n in turns]
+        n0 = metrics.COMPILES.count
+        got = batch.episode_advantages(c, r.sum(1), r, eps, groups)
+        if i:
+            assert metrics.COMPILES.count == n0, metrics.COMPILES.names[n0:]
+        want = advantages.compute_advantages("grpo", r, groups, credit="per_turn",
+                                             turn_mask=np.arange(k) < turns[:, None])
+        np.testing.assert_allclose(got, np.asarray(want), atol=1e-6)

@@ -41,6 +41,7 @@ PPO uses `gae` instead: token-level rewards and critic values over the packed ro
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -114,6 +115,8 @@ def get(name: str) -> Callable:
     return REGISTRY[name]
 
 
+# Jitted (gamma static): eagerly, the scan of a fresh closure compiled again on every call.
+@functools.partial(jax.jit, static_argnames="gamma")
 def returns_to_go(turn_rewards: jax.Array, turn_mask: jax.Array, gamma: float = 1.0) -> jax.Array:
     """G[i, k] = sum_{j >= k} gamma^(j-k) r[i, j] over valid turns; 0 on invalid turns. [N, K]."""
     r = jnp.where(turn_mask, turn_rewards, 0.0)

@@ -66,12 +66,18 @@ def episode_advantages(config, rewards, turn_rewards, episodes, group_ids):
         return None
     if credit == "trajectory":
         return np.asarray(adv_lib.compute_advantages(algo, rewards, group_ids))
-    mask = np.zeros(turn_rewards.shape, bool)
+    # Turns padded to a fixed width (the step cap, or the next power of two past it): one
+    # compiled returns-to-go scan, not one per longest-episode length.
+    n, k = turn_rewards.shape
+    width = max(config.world.get("max_steps", 0), 1 << max(k - 1, 0).bit_length())
+    padded = np.zeros((n, width), np.float32)
+    padded[:, :k] = turn_rewards
+    mask = np.zeros((n, width), bool)
     for i, ep in enumerate(episodes):
         mask[i, :max(len(ep.agent_turns), 1)] = True
-    return np.asarray(adv_lib.compute_advantages(algo, turn_rewards, group_ids,
+    return np.asarray(adv_lib.compute_advantages(algo, padded, group_ids,
                                                  credit="per_turn", turn_mask=mask,
-                                                 gamma=config.rl.gamma))
+                                                 gamma=config.rl.gamma))[:, :k]
 
 
 def pack_agreed(episodes, advs, seq_lens, rows, overflow, **audio) -> pack_lib.Packed:
