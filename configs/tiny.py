@@ -130,8 +130,11 @@ def get_config(arg: str | None = None):
     # 370 leaves RL a policy that succeeds sometimes. save_every: also write the policy every k
     # steps (`--config.mode=warmstart`), the candidates a length is chosen from on validation.
     # init="tiny-level0" starts from the shipped file (370 steps, README) instead.
+    # climb: in --config.mode=warmstart, init may be a file made on another level (its model
+    # must match): SFT climbs the ladder from a policy that already copies ids.
     c.warmstart = dict(steps=370, lr=1e-3, schedule="constant", episodes=0, batch_rows=8,
-                       seq_len=1024, warmup_steps=5, dialogues=8, init="", save_every=0)
+                       seq_len=1024, warmup_steps=5, dialogues=8, init="", save_every=0,
+                       climb=False)
 
     if level == 0 and not args.taubench:
         # The 370-step policy's samples derail at temperature 1 (validation: greedy pass^1 0.30,

@@ -147,6 +147,10 @@ def problems(config, here: bool = True) -> list[str]:
         if not path.is_file():
             out.append(f"warmstart.init={init!r}: {path} does not exist (make one with "
                        "--config.mode=warmstart, or '' to warm-start in the run)")
+    if _get(config, "warmstart.climb") is True and (not init or _get(config, "mode") != "warmstart"):
+        out.append("warmstart.climb=True continues SFT from a file made on another level: it needs "
+                   "--config.mode=warmstart and warmstart.init (a run starts only from a file "
+                   "made for its own world)")
     for key in ("user", "judge.llm") if _get(config, "mode") in ("train", "eval") else ():
         section = _get(config, key)
         kind = _get(config, "user.kind" if key == "user" else "judge.kind")

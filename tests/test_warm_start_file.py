@@ -145,3 +145,30 @@ def test_a_warm_start_continues_from_a_file_with_its_steps_counted_on(tmp_path):
     assert not jax.tree.all(jax.tree.map(np.array_equal, start, more))   # it trained on
     # SFT resumed where the file stopped: its loss is the file's last one, not a fresh start's
     assert meta["sft"]["nll_first"] < start_meta["sft"]["nll_first"]
+
+
+def test_a_warm_start_climbs_to_another_level_from_a_file_made_on_a_lower_one(tmp_path):
+    low = config()
+    low.warmstart.steps = 2
+    first = tmp_path / "low.safetensors"
+    made = trainer.Trainer(low, str(tmp_path / "a")).save_warm_start(first)
+    high = config(level=1)
+    high.warmstart.update(init=str(first), steps=2)
+    with pytest.raises(ValueError, match="made for another setting"):
+        trainer.Trainer(high, str(tmp_path / "b")).save_warm_start(tmp_path / "x.safetensors")
+    high.warmstart.climb = True
+    t = trainer.Trainer(high, str(tmp_path / "c"))
+    meta = t.save_warm_start(tmp_path / "high.safetensors")
+    # steps count on this level from 0; the file's world and length are kept as provenance
+    assert meta["steps"] == 2 and meta["climbed_from"] == {"world": made["world"], "steps": 2}
+    assert meta["world"]["synth"]["level"] == 1 and made["world"]["synth"]["level"] == 0
+    start, _ = checkpoint.load_flat(first, t._initial_params)
+    climbed, _ = checkpoint.load_flat(tmp_path / "high.safetensors", t._initial_params)
+    assert not jax.tree.all(jax.tree.map(np.array_equal, start, climbed))
+    # a level-1 run starts from the climbed file (its own world), not from the level-0 one
+    high.warmstart.update(init=str(tmp_path / "high.safetensors"), climb=False)
+    checkpoint.load_warm_start(high, t._initial_params)
+    from tarl_jax import config_check
+    bad = config()
+    bad.warmstart.climb = True
+    assert any("warmstart.climb" in p for p in config_check.problems(bad))

@@ -299,18 +299,22 @@ def load_flat(path, like: Any) -> tuple[Any, dict]:
     return jax.tree_util.tree_unflatten(treedef, out), meta
 
 
-def load_warm_start(config, params) -> tuple[Any, dict]:
+def load_warm_start(config, params, any_world: bool = False) -> tuple[Any, dict]:
     """The policy `warmstart.init` holds (a file `--config.mode=warmstart` wrote; a bare name is
     one shipped in tarl_jax/assets/warmstart/), refused if made for another model or world.
 
     Args:
       config: the run's config; params: a policy tree of the right shapes (values unused).
+      any_world: only the model must match (SFT climbing the level ladder from a file made on
+        another level: `warmstart.climb`).
     Returns:
-      (the file's params, its SFT figures with "init": the path).
+      (the file's params, its SFT figures with "init": the path and "world": the file's).
     """
     path = warm_start_path(config.warmstart.init)
     params, meta = load_flat(path, params)
     want = warm_start_provenance(config)
+    if any_world:
+        want.pop("world")
     got = {k: meta.get(k) for k in want}
     if got != want:
         diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
@@ -320,6 +324,6 @@ def load_warm_start(config, params) -> tuple[Any, dict]:
     log.info("warm start: loaded %s (NLL %.3f after %d steps, %.0f s to make)", path,
              meta["sft"]["nll_last"], meta.get("steps", meta["warmstart"]["steps"]),
              meta["seconds"])
-    return params, {**meta["sft"], "init": str(path),
+    return params, {**meta["sft"], "init": str(path), "world": meta.get("world"),
                     "steps": meta.get("steps", meta["warmstart"]["steps"]),
                     "seconds": meta["seconds"]}
