@@ -26,18 +26,23 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 
 
 class ConstraintError(ValueError):
-    """The request's response_format / tool_choice cannot be enforced (the message says why)."""
+    """The request's response_format / tool_choice cannot be enforced (the message says why;
+    `param`: the request field at fault, what an OpenAI-style 400 names)."""
+
+    def __init__(self, message: str, param: str = "response_format"):
+        super().__init__(message)
+        self.param = param
 
 
 def allow_all(rows: int, vocab_size: int) -> np.ndarray:
     return llnp.allocate_token_bitmask(rows, vocab_size)
 
 
-def _schema(schema: Any, where: str) -> dict:
+def _schema(schema: Any, where: str, param: str = "response_format") -> dict:
     if schema is True or schema is None:
         schema = {}
     if not isinstance(schema, dict):
-        raise ConstraintError(f"{where} must be a JSON schema object")
+        raise ConstraintError(f"{where} must be a JSON schema object", param)
     return {**schema, "x-guidance": JSON_STYLE}
 
 
@@ -86,9 +91,10 @@ class Grammars:
         if named is not None:
             fns = [f for f in fns if f["name"] == named]
             if not fns:
-                raise ConstraintError(f"tool_choice names {named!r}, which is not in 'tools'")
+                raise ConstraintError(f"tool_choice names {named!r}, which is not in 'tools'",
+                                      "tool_choice")
         if not fns:
-            raise ConstraintError("tool_choice 'required' needs 'tools'")
+            raise ConstraintError("tool_choice 'required' needs 'tools'", "tool_choice")
         start, tc_end = (json.dumps(text) if i is None else f"<[{i}]>" for i, text in
                          zip(self.call_ids, (tokenizer_lib.TOOL_CALL, tokenizer_lib.TOOL_CALL_END)))
         lines = ['calls: call' + (' ("\\n" call)*' if parallel else ""),
@@ -98,7 +104,7 @@ class Grammars:
             body = {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
                     "properties": {"name": {"const": fn["name"]},
                                    "arguments": fn.get("parameters") or {"type": "object"}}}
-            lines.append(f"fn{k}: %json " + json.dumps(_schema(body, f"tool {fn['name']!r}")))
+            lines.append(f"fn{k}: %json " + json.dumps(_schema(body, f"tool {fn['name']!r}", "tools")))
         if forced:
             lines.insert(0, "start: calls")
         else:   # auto, with tools and a response format: the content's JSON or calls
@@ -106,10 +112,12 @@ class Grammars:
             lines.append("answer: %json " + json.dumps(_schema(content, "the schema")))
         return llguidance.LLMatcher.grammar_from_lark("\n".join(lines))
 
-    def matcher(self, grammar: str) -> llguidance.LLMatcher:
+    def matcher(self, grammar: str, param: str = "response_format") -> llguidance.LLMatcher:
+        """param: the field blamed if the grammar does not compile (llguidance's message
+        does not say which of its schemas failed)."""
         m = llguidance.LLMatcher(self.lltok, grammar, log_level=0)
         if m.is_error():
-            raise ConstraintError(f"the schema cannot be enforced: {m.get_error()}")
+            raise ConstraintError(f"the schema cannot be enforced: {m.get_error()}", param)
         return m
 
     def ban_calls(self) -> np.ndarray:
@@ -118,7 +126,7 @@ class Grammars:
         i = self.call_ids[0]
         if i is None:
             raise ConstraintError("tool_choice 'none' needs a tokenizer with a <tool_call> "
-                                  "token; this one spells it in pieces")
+                                  "token; this one spells it in pieces", "tool_choice")
         row.view(np.uint32)[i // 32] &= np.uint32(0xFFFFFFFF ^ (1 << (i % 32)))
         return row
 

@@ -268,8 +268,8 @@ class Engine:
         for b, r in enumerate(rows):
             if r is None:
                 continue
-            if r.stop and ended[b] is None:
-                text = self.detokenize(r.tokens)
+            if r.stop and ended[b] is None and self._stop_in_tail(r, before[b]):
+                text = self.detokenize(r.tokens)   # about once a reply: where exactly it stops
                 hits = [i for i in (text.find(s) for s in r.stop) if i >= 0]
                 if hits:
                     r.stop_at, ended[b] = min(hits), "stop"
@@ -282,6 +282,15 @@ class Engine:
             elif not r.cancelled:
                 continue
             rows[b] = None
+
+    def _stop_in_tail(self, r: Request, new_from: int) -> bool:
+        """Whether a stop string ends in the tokens from `new_from` on. Only the tail is decoded
+        (the whole reply each chunk is quadratic in its length): a stop string of L characters
+        spans at most 4L bytes, so at most 4L tokens, and one more token keeps a character cut
+        at the window's start out of it."""
+        back = 4 * max(len(s) for s in r.stop) + 1
+        text = self.detokenize(r.tokens[max(0, new_from - back):])
+        return any(s in text for s in r.stop)
 
     def _decode(self, cache: engine_lib.Rows, rows, going: list[bool], limit: int):
         """One decode call of up to `limit` tokens for each `going` row (the rest ride along
@@ -348,16 +357,19 @@ def _constraint(req: chat_api.ChatRequest, tools, grammars: constrain.Grammars |
     if choice == "none":
         # the reply is text: no call token, and the format, if any, holds for it
         tools = None
+    # A grammar that does not compile: the response format's schema unless calls are forced
+    # (then only the tools' schemas are in it).
+    blame = "tools" if choice == "required" or isinstance(choice, dict) or \
+        fmt.get("type") in (None, "text") else "response_format"
     try:
         grammar = grammars.grammar(fmt, choice, tools, parallel) if grammars else None
-        matcher = grammars.matcher(grammar) if grammar is not None else None
+        matcher = grammars.matcher(grammar, blame) if grammar is not None else None
     except constrain.ConstraintError as e:
-        raise ApiError(400, str(e), "tool_choice" if "tool" in str(e) else "response_format",
-                       "invalid_value") from None
+        raise ApiError(400, str(e), e.param, "invalid_value") from None
     try:
         allow = grammars.ban_calls() if grammars and choice == "none" and matcher is None else None
     except constrain.ConstraintError as e:
-        raise ApiError(400, str(e), "tool_choice", "unsupported_value") from None
+        raise ApiError(400, str(e), e.param, "unsupported_value") from None
     if matcher is None and allow is None and (fmt.get("type") not in (None, "text") or
                                               choice not in ("none", "auto")):
         raise ApiError(400, "structured outputs are not enabled on this server",

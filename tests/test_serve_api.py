@@ -30,10 +30,13 @@ def test_a_stop_string_cuts_the_reply_before_it_streamed_or_not(micro_server):
     checked = 0
     for seed in range(4):
         whole = ask(micro_server, seed=seed).choices[0].message.content
-        stop = whole[12:15]
-        cut = ask(micro_server, seed=seed, stop=[stop, "never-said"])
-        assert stop and cut.choices[0].message.content == whole[:whole.find(stop)]
-        assert cut.choices[0].finish_reason == "stop"
+        # early (the first chunk) and late (chunks on: the engine decodes only a reply's tail)
+        assert len(whole) > 60, whole
+        for late in (whole[-7:-3], whole[12:15]):
+            cut = ask(micro_server, seed=seed, stop=[late, "never-said"])
+            assert late and cut.choices[0].message.content == whole[:whole.find(late)]
+            assert cut.choices[0].finish_reason == "stop"
+        stop = late
         assert cut.usage.completion_tokens <= ask(micro_server, seed=seed).usage.completion_tokens
         # (random weights write </think> at times, after which a stream's content and the final
         # parse may differ: serve.streamable_content. Compare where they agree without stop.)
@@ -110,3 +113,23 @@ def _metrics(srv) -> dict:
         text = r.read().decode()
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
             if not s.name.endswith("_created")}
+
+
+def test_a_stop_string_across_chunks_is_found_from_the_replys_tail(tok):
+    """The engine decodes only a reply's tail each chunk: a stop string that began in an
+    earlier chunk and ends in this one is still found; one wholly in earlier chunks was
+    found then."""
+    import types
+
+    from tarl_jax import serve
+
+    ids = tok.encode("the order #W1234 ships to 12 Main Street tomorrow, thank you")
+    stop = "Main Street"
+    text = tok.decode(ids)
+    ends = next(k for k in range(len(ids) + 1) if stop in tok.decode(ids[:k]))
+    r = serve.Request(prompt=[], max_tokens=64, tokens=list(ids[:ends]), stop=(stop,))
+    eng = types.SimpleNamespace(detokenize=tok.decode)
+    assert stop in text and ends < len(ids)
+    assert serve.Engine._stop_in_tail(eng, r, ends - 1)        # only its last token is new
+    assert not serve.Engine._stop_in_tail(eng, serve.Request(
+        prompt=[], max_tokens=64, tokens=list(ids[:ends - 1]), stop=(stop,)), ends - 2)

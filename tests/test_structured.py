@@ -126,16 +126,21 @@ def test_a_row_samples_the_same_tokens_beside_grammar_rows_as_alone(micro_server
 
 def test_constraints_that_cannot_hold_are_400s(micro_server):
     c = openai.OpenAI(base_url=micro_server.url, api_key="x", max_retries=0)
-    bad = [dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
-           dict(tool_choice="required"),
-           dict(tools=TOOLS, tool_choice="always"),
-           dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
-               "type": "object", "properties": {"a": {"type": "string", "pattern": "(unclosed"}}}}}),
-           dict(response_format={"type": "json_schema"})]
-    for kw in bad:
+    unclosed = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(unclosed"}}}
+    bad_tool = [{"type": "function", "function": {"name": "f", "parameters": unclosed}}]
+    bad = [(dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
+            "tool_choice"),
+           (dict(tool_choice="required"), "tool_choice"),
+           (dict(tools=TOOLS, tool_choice="always"), "tool_choice"),
+           (dict(response_format={"type": "json_schema", "json_schema": {"name": "x",
+                                                                         "schema": unclosed}}),
+            "response_format"),
+           (dict(tools=bad_tool, tool_choice="required"), "tools"),
+           (dict(response_format={"type": "json_schema"}), "response_format")]
+    for kw, param in bad:
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model=NAME, messages=CHAT, max_tokens=4, **kw)
-        assert e.value.body["param"] in ("tool_choice", "response_format"), (kw, e.value.body)
+        assert e.value.body["param"] == param, (kw, e.value.body)
     assert ask(micro_server, max_tokens=4).choices[0].finish_reason == "length"   # still serving
 
 
