@@ -4,7 +4,7 @@ one place, each failure an OpenAI-shaped error naming the parameter (`ApiError`)
 Strict: a string is not a number and a number is not a bool (OpenAI answers "hot" for temperature
 with a 400, not a coercion). Fields OpenAI defines that the server does not use (user, metadata,
 store, ...) are accepted and ignored; null means unset. What depends on several fields or on the
-server (the model's name, tool_choice naming a listed tool, n with stream, a schema the grammar
+server (the model's name, tool_choice naming a listed tool, a schema the grammar
 engine can hold) serve.parse_chat checks.
 """
 from __future__ import annotations

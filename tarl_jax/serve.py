@@ -22,7 +22,7 @@ found (checked after each chunk; usage counts the tokens sampled). `logprobs`: e
 log-prob under the model's own distribution (temperature 1, before top-p), `top_logprobs` <= 20
 alternatives. `n` choices: choice k is what n=1 with seed + k returns; admitted together, they
 copy choice 0's prefilled row instead of prefilling the prompt again (usage counts the prompt
-once); not streamed (400).
+once); streamed, each chunk names its choice (`index`).
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}. GET /health answers
 {"status": "ok"} (without the API key). Bodies are checked by pydantic models (chat_api.py); the
 HTTP layer is a Starlette app on uvicorn
@@ -392,9 +392,6 @@ def parse_chat(body: Any, model_name: str, tok: tokenizer_lib.ChatTokenizer, cac
     n, logprobs, top = req.n or 1, bool(req.logprobs), req.top_logprobs or 0
     if top and not logprobs:
         raise ApiError(400, "'top_logprobs' needs logprobs true", "top_logprobs", "invalid_value")
-    if n > 1 and req.stream:
-        raise ApiError(400, "n > 1 is not streamed here; send stream=false", "n",
-                       "unsupported_value")
     matcher, allow = _constraint(req, tools, grammars)
     # A constrained reply starts at its first token (the grammar has no <think> block).
     thinking = (enable_thinking if req.chat_template_kwargs is None or
@@ -507,6 +504,16 @@ class _Events:
 
     async def get(self):
         return await self.queue.get()
+
+
+class _Tagged:
+    """Choice k's engine events into its stream's one channel, as (k, event)."""
+
+    def __init__(self, channel: _Events, k: int):
+        self.channel, self.k = channel, k
+
+    def put(self, item) -> None:
+        self.channel.put((self.k, item))
 
 
 class Metrics:
@@ -688,15 +695,17 @@ class ChatServer:
         except ApiError as e:
             return _error(e)
         reqs = call.requests()
-        for r in reqs:
-            r.events = _Events(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        events = _Events(loop)   # a stream's one channel: its choices' events, tagged
+        for k, r in enumerate(reqs):
+            r.events = _Tagged(events, k) if call.stream else _Events(loop)
             self.engine.submit(r)
         self.metrics.requests.inc()
         self.metrics.prompt_tokens.inc(len(call.request.prompt))
         rid = uuid.uuid4().hex[:24]
         head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": self.model_name}
         if call.stream:
-            return StreamingResponse(self._stream(reqs[0], head, f"call_{rid}", call),
+            return StreamingResponse(self._stream(reqs, events, head, f"call_{rid}", call),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
@@ -734,53 +743,60 @@ class ChatServer:
             if kind == "error":
                 raise ApiError(500, value, kind="server_error")
 
-    async def _stream(self, req: Request, head: dict, call_prefix: str, call: ChatCall):
-        """SSE frames: a role delta, content deltas as the parse fixes them (with the log-probs
-        of the tokens that arrived, if asked), the last delta with tool calls and the finish
-        reason, usage if asked, [DONE]. Starlette stops this generator when the client
-        disconnects; `finally` then frees the row."""
+    async def _stream(self, reqs: list[Request], events: _Events, head: dict, call_prefix: str,
+                      call: ChatCall):
+        """SSE frames, each choice's in turn as its tokens arrive (`index` k): a role delta,
+        content deltas as the parse fixes them (with the log-probs of the tokens that arrived,
+        if asked), the last delta with tool calls and the finish reason; then usage if asked,
+        [DONE]. Starlette stops this generator when the client disconnects; `finally` then
+        frees the rows. `events`: every choice's engine events, as (k, event)."""
         tok = self.tok
+        scored, sent = [0] * len(reqs), [""] * len(reqs)
 
-        def frame(delta: dict, reason: str | None = None, upto: int | None = None) -> str:
-            nonlocal scored
+        def frame(k: int, delta: dict, reason: str | None = None, upto: int | None = None) -> str:
             lp = None
             if call.logprobs and upto is not None:
-                lp, scored = {"content": logprobs_content(tok, req, scored, upto)}, upto
+                lp, scored[k] = {"content": logprobs_content(tok, reqs[k], scored[k], upto)}, upto
             return "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [
-                {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}]}) + "\n\n"
+                {"index": k, "delta": delta, "logprobs": lp, "finish_reason": reason}]}) + "\n\n"
 
-        scored = 0
         try:
-            yield frame({"role": "assistant", "content": ""})
-            sent = ""
-            while True:
-                kind, value = await req.events.get()
+            for k in range(len(reqs)):
+                yield frame(k, {"role": "assistant", "content": ""})
+            left = len(reqs)
+            while left:
+                k, (kind, value) = await events.get()
+                req = reqs[k]
                 if kind == "error":   # the headers are out: the error travels as an event
                     yield f"data: {json.dumps(ApiError(500, value, kind='server_error').body())}\n\n"
                     return
-                if kind == "done":
-                    break
-                content = streamable_content(tok.decode(req.tokens), req.stop)
-                if len(content) > len(sent) and content.startswith(sent):
-                    yield frame({"content": content[len(sent):]}, upto=len(req.tokens))
-                    sent = content
-            message = reply_message(tok, req, call_prefix)
-            last = {}
-            rest = message["content"] or ""
-            if rest.startswith(sent) and rest != sent:
-                last["content"] = rest[len(sent):]
-            if "reasoning_content" in message:
-                last["reasoning_content"] = message["reasoning_content"]
-            if message.get("tool_calls"):
-                last["tool_calls"] = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
-            yield frame(last, finish_reason(value, message), upto=len(req.tokens))
-            self.metrics.cached_tokens.inc(req.cached)
+                if kind == "tokens":
+                    content = streamable_content(tok.decode(req.tokens), req.stop)
+                    if len(content) > len(sent[k]) and content.startswith(sent[k]):
+                        yield frame(k, {"content": content[len(sent[k]):]}, upto=len(req.tokens))
+                        sent[k] = content
+                    continue
+                left -= 1
+                message = reply_message(tok, req, call_prefix + (f"_{k}" if k else ""))
+                last = {}
+                rest = message["content"] or ""
+                if rest.startswith(sent[k]) and rest != sent[k]:
+                    last["content"] = rest[len(sent[k]):]
+                if "reasoning_content" in message:
+                    last["reasoning_content"] = message["reasoning_content"]
+                if message.get("tool_calls"):
+                    last["tool_calls"] = [{"index": i, **c}
+                                          for i, c in enumerate(message["tool_calls"])]
+                yield frame(k, last, finish_reason(value, message), upto=len(req.tokens))
+            self.metrics.cached_tokens.inc(reqs[0].cached)
             if call.include_usage:
-                chunk = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(req)}
+                chunk = {**head, "object": "chat.completion.chunk", "choices": [],
+                         "usage": usage(*reqs)}
                 yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            req.cancelled = True
+            for r in reqs:
+                r.cancelled = True
 
 
 def _prompt_chars(body: Any) -> int:

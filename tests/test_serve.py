@@ -129,7 +129,6 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(ok, temperature="hot"), 400, "temperature", "invalid_type"),
         (dict(ok, max_tokens=0), 400, "max_tokens", "invalid_value"),
         (dict(ok, n=65), 400, "n", "invalid_value"),
-        (dict(ok, n=2, stream=True), 400, "n", "unsupported_value"),
         (dict(ok, top_logprobs=3), 400, "top_logprobs", "invalid_value"),
         (dict(ok, logprobs=True, top_logprobs=21), 400, "top_logprobs", "invalid_value"),
         (dict(ok, stop=["a", "b", "c", "d", "e"]), 400, "stop", "invalid_value"),

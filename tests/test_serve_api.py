@@ -1,6 +1,6 @@
 """The rest of the OpenAI surface harnesses and judges send, through the real `openai` client:
 stop strings, logprobs / top_logprobs (checked against the sampler called directly), n > 1
-(choice k = the n=1 reply of seed + k; the prompt prefilled once), /metrics."""
+(choice k = the n=1 reply of seed + k, streamed or not; the prompt prefilled once), /metrics."""
 
 import numpy as np
 import openai
@@ -90,6 +90,20 @@ def test_n_choices_are_the_seeds_replies_and_share_one_prefill(tok, model):
         assert len({c.message.content for c in many.choices}) == 3
         assert many.usage.prompt_tokens == prompt
         assert many.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+        # streamed: each chunk names its choice; choice k's deltas are seed + k's own stream
+        chunks = list(ask(srv, n=3, seed=11, stream=True, logprobs=True,
+                          stream_options={"include_usage": True}))
+        for k in range(3):
+            mine = [ch.choices[0] for ch in chunks if ch.choices and ch.choices[0].index == k]
+            assert mine[0].delta.role == "assistant"
+            assert "".join(c.delta.content or "" for c in mine) == streamed(srv, seed=11 + k)
+            assert [c.finish_reason for c in mine if c.finish_reason] == \
+                [many.choices[k].finish_reason]
+            lps = [e.logprob for c in mine if c.logprobs for e in c.logprobs.content]
+            whole = ask(srv, seed=11 + k, logprobs=True).choices[0].logprobs.content
+            assert lps == [e.logprob for e in whole]
+        assert chunks[-1].usage.completion_tokens == many.usage.completion_tokens
+        assert chunks[-1].usage.prompt_tokens == prompt
     finally:
         srv.close()
 
