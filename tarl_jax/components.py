@@ -143,6 +143,11 @@ class World:
         env = Env(self.db, task)
         if self.system_prompt:
             env.policy = self.system_prompt
+        if task.extra.get("authenticated") and task.extra.get("lookups"):
+            # A signed-in session tells the agent who the user is, as a store's would: the gold
+            # path reads the user's record by id, which nothing else in the dialogue names
+            # (level 1; level 0 reads nothing, and its shipped warm start has no such line).
+            env.policy = f"{env.policy}\nThe signed-in user's id is {task.user_id}."
         return run_episode(env, task, agent, self.make_user(task), max_steps or self.max_steps,
                            self.reward_variant)
 

@@ -222,3 +222,30 @@ def test_lower_levels_keep_the_real_tools_and_outcome(level):
         assert all(t.actions[0].name.startswith("get_") for t in tasks)   # looked up first
     with pytest.raises(ValueError, match="level=7"):
         synth.generate(synth.SynthConfig(level=7))
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_every_argument_the_expert_passes_is_in_what_the_agent_saw_before(level):
+    """A policy imitates the expert from the dialogue alone: every id or value the expert
+    passes to a tool is written earlier in the agent's context (system prompt, user turns,
+    tool results). (Level 1's user id was not: the signed-in session never named it, and the
+    expert's first call read the user's record by an id the policy could only guess.)"""
+    from tarl_jax import components, configlib
+
+    c = configlib.load("configs/tiny.py", f"level={level}")
+    c.world.synth.update(num_tasks=60)
+    c.world.update(eval_tasks=5, val_tasks=5)
+    world = components.build_world(c)
+    unseen = []
+    for task in world.train[:40]:
+        ep = world.run_one(task, synth.ExpertAgent(task), 30)
+        assert ep.reward == 1.0, task.task_id
+        for k, m in enumerate(ep.messages):
+            seen = " ".join(str(p.get("content") or "") for p in ep.messages[:k])
+            for call in m.get("tool_calls") or ():
+                args = json.loads(call["function"]["arguments"])
+                for name, value in args.items():
+                    for v in value if isinstance(value, list) else [value]:
+                        if isinstance(v, str) and v not in seen:
+                            unseen.append((task.task_id, call["function"]["name"], name, v))
+    assert not unseen, unseen[:5]
