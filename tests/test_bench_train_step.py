@@ -84,6 +84,8 @@ class FakeOurs:
 def test_missing_tunix_venv_skips_with_the_setup_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(B.SHAPES, "micro", CFG)
     monkeypatch.setattr(B, "Ours", FakeOurs)
+    lim = B.limits.Limits(matmul_f32=1e6, matmul_bf16=1e6, bandwidth=1e9, n=8, mb=1)
+    monkeypatch.setattr(B.limits, "measure", lambda: lim)
     B.main(["--shapes", "micro", "--rows", "2", "--group", "2", "--prompt", "4",
             "--completion", "4", "--rounds", "2", "--meshes", "",
             "--tunix_venv", str(tmp_path / "none")])
@@ -91,3 +93,9 @@ def test_missing_tunix_venv_skips_with_the_setup_command(tmp_path, capsys, monke
     assert "tunix part skipped" in out and B.TUNIX_SETUP in out
     # 2 rows x 8 tokens / 0.5 s; compile = first step - best step.
     assert "| micro | 0.07M | 2 x (4 + 4) | 32 | skipped | - | 0.400 / - | - | 2.5 / - |" in out
+    # against the machine: model FLOPs (at the positions a row scores) / 0.5 s / the peak
+    scored = B.make_batch(CFG, 2, 4, 4, 2)[0]["policy_index"].shape[1]
+    model, executed = B.aot.train_flops(CFG, 2, 8, scored)
+    assert lim.line() in out
+    assert (f"| micro | {model / 1e9:.3g} | {executed / 1e9:.3g} / nan | 0.500 | "
+            f"{model / 0.5 / 1e9:.3g} | {model / 0.5 / 1e6:.1%} |") in out

@@ -32,7 +32,8 @@ import transformers
 
 from tarl_jax import components
 from tarl_jax.models import hf, qwen
-from tarl_jax.bench import best_time
+from tarl_jax.bench import best_time, limits
+from tarl_jax.models import bucket
 from tarl_jax.sampler import Sampler
 
 
@@ -80,6 +81,8 @@ def main(argv=None):
     ap.add_argument("--episode_batch", type=int, default=4)
     ap.add_argument("--long_cache", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--no-limits", dest="limits", action="store_false",
+                    help="skip measuring this machine's memory bandwidth (bench.limits)")
     args = ap.parse_args(argv)
 
     _, cfg, params = components.load_model({"preset": args.preset})
@@ -90,16 +93,27 @@ def main(argv=None):
     print(f"preset {args.preset}: {qwen.num_params(params) / 1e6:.2f}M params, jax {jax.devices()[0].platform}, "
           f"torch {torch.get_num_threads()} threads")
 
+    lim = limits.measure() if args.limits else None
+    if lim:
+        print(lim.line())
     print(f"\ndecode throughput: prompt {args.prompt}, {args.new} new tokens, greedy "
-          f"(tokens/s over the whole generate call; compile excluded)")
+          f"(tokens/s over the whole generate call, prefill included; compile excluded). "
+          f"Bandwidth: a decode step reads every weight and each row's keys and values over the "
+          f"cache window; bytes a step x steps/s, against the copy rate above")
     print(f"{'batch':>5} {'tarl_jax tok/s':>15} {'transformers tok/s':>19} {'ratio':>6} "
-          f"{'compile s':>9} {'same tokens':>11}")
+          f"{'compile s':>9} {'same tokens':>11} {'MB a step':>9} {'GB/s read':>9} "
+          f"{'of bandwidth':>12}")
     sampler = Sampler(cfg, params, cache_len=args.prompt + args.new)
+    window = min(sampler.cache_len, bucket(args.prompt + args.new, sampler.min_kv_window))
     for batch in map(int, args.batches.split(",")):
         prompts = rng.randint(0, cfg.vocab_size, (batch, args.prompt)).astype(np.int64)
         r = throughput(sampler, model, prompts, args.new, args.repeats)
+        step_bytes = limits.decode_bytes(cfg, params, batch, window)
+        rate = step_bytes * r["ours"] / batch
         print(f"{batch:>5} {r['ours']:>15.0f} {r['theirs']:>19.0f} {r['ours'] / r['theirs']:>6.1f} "
-              f"{r['compile']:>9.1f} {r['same']:>6}/{batch}")
+              f"{r['compile']:>9.1f} {r['same']:>6}/{batch} {step_bytes / 1e6:>9.2f} "
+              f"{rate / 1e9:>9.2f} "
+              + (f"{rate / lim.bandwidth:>12.1%}" if lim else f"{'-':>12}"), flush=True)
 
     b = args.episode_batch
     total = args.system + args.turns * (args.reply + args.observation)

@@ -40,7 +40,8 @@ import time
 import jax
 import numpy as np
 
-from tarl_jax import sharding
+from tarl_jax import aot, sharding
+from tarl_jax.bench import limits
 from tarl_jax.models import presets, qwen
 from tarl_jax.rl import losses, pack
 from tarl_jax.rl import step as S
@@ -131,12 +132,17 @@ class Ours:
         sh = S.state_shardings(cfg, opt, False, mesh)
         self.state = S.init_state(params, opt, cfg, False, sh)
         keys = S.BATCH_KEYS + S.GATHER_KEYS
-        self.fn = S.jit_train_step(cfg, STEP_CFG, opt, mesh, sh, keys)
         self.batch = S.device_batch(batch, keys, mesh)
         start = time.perf_counter()
+        # Compiled ahead, so XLA's own FLOP count of the program is at hand (bench.limits)
+        self.fn = S.jit_train_step(cfg, STEP_CFG, opt, mesh, sh, keys).lower(
+            self.state, self.batch, jax.random.key(0)).compile()
+        cost = self.fn.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
         metrics = self._run()
         self.ready = {"first_s": time.perf_counter() - start, "loss": float(metrics["loss"]),
-                      "grad_norm": float(metrics["grad_norm"])}
+                      "grad_norm": float(metrics["grad_norm"]),
+                      "xla_flops": float((cost or {}).get("flops", math.nan))}
 
     def _run(self):
         self.state, metrics = self.fn(self.state, self.batch, jax.random.key(0))
@@ -206,7 +212,23 @@ def tunix_worker(cfg, params, theirs: dict, group: int, python: str, tmp: str) -
                   dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
+def limits_table(rows: list[tuple], lim) -> None:
+    """Our step against this machine's matmul rate: (shape, cfg, rows, t, scored, result)."""
+    print(f"\n## Our update against this machine's limits ({lim.line()})\n")
+    print("| shape | model GFLOP a step (6ND + attention) | executed GFLOP (analytic / XLA) "
+          "| best step s | model GFLOP/s | of the float32 matmul rate |")
+    print("|---|---|---|---|---|---|")
+    for name, cfg, n, t, scored, r in rows:
+        model, executed = aot.train_flops(cfg, n, t, scored)
+        xla = r.get("xla_flops", math.nan)
+        print(f"| {name} | {model / 1e9:.3g} | {executed / 1e9:.3g} / {xla / 1e9:.3g} | "
+              f"{r['step_s']:.3f} | {model / r['step_s'] / 1e9:.3g} | "
+              f"{model / r['step_s'] / lim.matmul_f32:.1%} |", flush=True)
+
+
 def compare(args) -> None:
+    lim = limits.measure() if args.limits else None
+    mine = []
     python = os.path.join(args.tunix_venv, "bin", "python")
     have_tunix = os.path.exists(python)
     if not have_tunix:
@@ -232,6 +254,8 @@ def compare(args) -> None:
                 for p in peers:
                     p.close()
         o, t = res[0], (res[1] if have_tunix else None)
+        mine.append((name, cfg, args.rows, args.prompt + args.completion,
+                     ours_b["policy_index"].shape[1], o))
         pair = lambda key, fmt: f"{o[key]:{fmt}} / " + (f"{t[key]:{fmt}}" if t else "-")  # noqa: E731
         print(f"| {name} | {qwen.num_params(params) / 1e6:.2f}M | {args.rows} x ({args.prompt} + "
               f"{args.completion}) | {tokens / o['step_s']:.0f} | "
@@ -240,6 +264,8 @@ def compare(args) -> None:
               + (f"{t['cpu_s'] / o['cpu_s']:.2f}x" if t else "-")
               + f" | {pair('compile_s', '.1f')} | {pair('loss', '.6f')} | "
               f"{pair('grad_norm', '.5g')} |", flush=True)
+    if lim:
+        limits_table(mine, lim)
 
 
 def worker(args) -> None:
@@ -296,6 +322,9 @@ def main(argv=None):
     ap.add_argument("--mesh_shape", default="tiny")
     ap.add_argument("--mesh_rows", type=int, default=16)
     ap.add_argument("--skip_compare", action="store_true", help="part 2 only")
+    ap.add_argument("--no-limits", dest="limits", action="store_false",
+                    help="skip measuring this machine's matmul rate (bench.limits) and the "
+                         "fraction of it our step reaches")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for m in filter(None, args.meshes.split(",")):  # bad arguments fail before any compiling
