@@ -5,8 +5,8 @@ array's streaming bandwidth, measured in the same process as the benchmark that 
 
 `bench.train_step` and `bench.sampler` call `measure()` in their own run and report model FLOP/s
 (train: `aot.train_flops`, checked against XLA's `cost_analysis`) as a fraction of the matmul
-rate, and decode's bytes read per token (weights + the KV window the step reads) x tokens/s as a
-fraction of the bandwidth. Best of --repeats after a compiling call: on a shared machine the
+rate, and decode's bytes read a step (weights + the KV window the step reads) x steps/s as a
+fraction of the bandwidth (a model whose weights fit the CPU's caches can exceed it: tiny's 1 MB). Best of --repeats after a compiling call: on a shared machine the
 best time is the one least disturbed by other processes.
 """
 from __future__ import annotations
@@ -25,14 +25,15 @@ from tarl_jax.bench import best_time
 class Limits:
     matmul_f32: float    # FLOP/s of an n x n x n float32 matmul, jitted
     matmul_bf16: float   # the same in bfloat16 (CPUs without bf16 units run it slower)
-    bandwidth: float     # bytes/s moved by y = x + 1 over a large float32 array (read + write)
+    bandwidth: float     # bytes/s streamed over a large float32 array (`bandwidth`)
     n: int
     mb: int
 
     def line(self) -> str:
         return (f"this machine: matmul {self.matmul_f32 / 1e9:.1f} GFLOP/s float32, "
                 f"{self.matmul_bf16 / 1e9:.1f} bfloat16 ({self.n}^3, jitted); memory bandwidth "
-                f"{self.bandwidth / 1e9:.1f} GB/s (x + 1 over {self.mb} MB, read + write)")
+                f"{self.bandwidth / 1e9:.1f} GB/s (the better of x + 1 and a matrix-vector product "
+                f"over {self.mb} MB)")
 
 
 def matmul_rate(n: int, dtype, repeats: int) -> float:
@@ -44,10 +45,18 @@ def matmul_rate(n: int, dtype, repeats: int) -> float:
 
 
 def bandwidth(mb: int, repeats: int) -> float:
-    x = jnp.asarray(np.ones(mb * 2 ** 20 // 4, np.float32))
-    f = jax.jit(lambda v: v + 1)
-    _, t, _ = best_time(lambda: f(x).block_until_ready(), repeats)
-    return 2 * x.nbytes / t
+    """The best streaming rate of two programs over `mb` MB: y = x + 1 (read + write) and a
+    matrix-vector product (each weight read once: what a decode step does, and on CPU the
+    one XLA spreads over every core where it may run an elementwise op on one)."""
+    n = mb * 2 ** 20 // 4
+    x = jnp.asarray(np.ones(n, np.float32))
+    add = jax.jit(lambda v: v + 1)
+    _, t_add, _ = best_time(lambda: add(x).block_until_ready(), repeats)
+    side = int(np.sqrt(n))
+    w, v = x[:side * side].reshape(side, side), jnp.ones(side, jnp.float32)
+    mv = jax.jit(jnp.matmul)
+    _, t_mv, _ = best_time(lambda: mv(w, v).block_until_ready(), repeats)
+    return max(2 * x.nbytes / t_add, w.nbytes / t_mv)
 
 
 def decode_bytes(cfg, params, rows: int, window: int, cache_bytes: int = 4) -> int:

