@@ -50,8 +50,10 @@ else "tool_calls" when it holds calls, else "stop".
 
 Weights and the KV cache live on the first device, or are cut by heads over --tensor of this
 host's devices (same replies as one device). An orbax source is a trainer workdir: only
-params["policy"] of the latest (or --step) checkpoint is read, with the architecture from --arch
-(a preset name or an HF config.json / its directory); scan_layers is read off the checkpoint.
+params["policy"] of the latest (or --step) checkpoint is read, with the architecture, tokenizer,
+--tensor, --cache-len and --max-tokens of the run's own config.json (what the flags leave unset),
+or --arch (a preset name or an HF config.json / its directory); scan_layers is read off the
+checkpoint.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ import functools
 import json
 import logging
 import os
+import pathlib
 import queue
 import socket
 import threading
@@ -834,6 +837,37 @@ def build(tok, cfg: qwen.DecoderConfig, params, *, model_name: str = "tarl", bat
 
 # ----------------------------------------------------------------------------- loading
 
+def run_config(orbax: str) -> dict | None:
+    """The config.json a trainer wrote in its workdir (`orbax` is the workdir or its
+    checkpoints/ directory); None if there is none (a run from before it was written)."""
+    from tarl_jax.rl import checkpoint
+    here = pathlib.Path(orbax).resolve()
+    for d in (here, here.parent) if here.name == checkpoint.STATES else (here,):
+        if (d / "config.json").is_file():
+            return json.loads((d / "config.json").read_text())
+    return None
+
+
+def defaults_from_run(args) -> None:
+    """--orbax: what the flags leave unset comes from the run's own config (its model's
+    architecture and tokenizer, rollout.tensor, cache_len and max_turn_tokens, prompts without
+    <think> as rollouts render them); without one, the flags' plain defaults."""
+    run = run_config(args.orbax) if args.orbax else None
+    model, rollout = (run or {}).get("model", {}), (run or {}).get("rollout", {})
+    if args.orbax and args.arch is None:
+        args.arch = model.get("hf_dir") or model.get("preset") or "tiny"
+        if run is None:
+            log.warning("%s has no config.json: serving it as --arch tiny", args.orbax)
+    if args.orbax and args.tokenizer is None and run is not None:
+        args.tokenizer = model.get("tokenizer") or None
+    for flag, key, plain in (("tensor", "tensor", 1), ("cache_len", "cache_len", 4096),
+                             ("max_tokens", "max_turn_tokens", None)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, rollout.get(key, plain))
+    if args.enable_thinking is None:
+        args.enable_thinking = run is None
+
+
 def load_model(args) -> tuple[tokenizer_lib.ChatTokenizer, qwen.DecoderConfig, Any]:
     """(tokenizer, config, params on the first device) from the CLI's source flags."""
     from tarl_jax import components
@@ -850,7 +884,8 @@ def main(argv=None):
     src.add_argument("--hf", help="Hugging Face safetensors directory")
     src.add_argument("--gguf", help="llama.cpp GGUF file")
     src.add_argument("--orbax", help="trainer workdir (or its checkpoints/ directory)")
-    ap.add_argument("--arch", default="tiny", help="--orbax: preset name or HF config.json (dir)")
+    ap.add_argument("--arch", help="--orbax: preset name or HF config.json (dir); default: the "
+                                   "run's (its workdir's config.json), else tiny")
     ap.add_argument("--step", type=int, help="--orbax: checkpoint step (default: latest)")
     ap.add_argument("--tokenizer", help="tiny | qwen3 | DIR (default: the --hf dir's own, else tiny)")
     ap.add_argument("--dtype", default="float32", help="compute dtype")
@@ -859,17 +894,21 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--model-name", default="tarl")
     ap.add_argument("--batch", type=int, default=8, help="rows decoded together")
-    ap.add_argument("--cache-len", type=int, default=4096, help="prompt + reply tokens per row")
-    ap.add_argument("--tensor", type=int, default=1,
-                    help="devices the weights and KV cache are cut over, by heads (-1: all)")
+    ap.add_argument("--cache-len", type=int, help="prompt + reply tokens per row (default: "
+                    "--orbax's run's rollout.cache_len, else 4096)")
+    ap.add_argument("--tensor", type=int,
+                    help="devices the weights and KV cache are cut over, by heads (-1: all; "
+                         "default: --orbax's run's rollout.tensor, else 1)")
     ap.add_argument("--chunk", type=int, default=16, help="tokens decoded between admissions")
     ap.add_argument("--refill-wait-ms", type=float, default=10.0,
                     help="after replies go out, wait this long for new requests to fill rows")
-    ap.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=True,
-                    help="default of chat_template_kwargs.enable_thinking")
+    ap.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction,
+                    help="default of chat_template_kwargs.enable_thinking (default: on, off for "
+                         "an --orbax run with its config, as its rollouts render prompts)")
     ap.add_argument("--max-tokens", type=int,
                     help="reply length for requests that set none (tau-bench's and tau2's harnesses "
-                         "never do); default: the rest of the cache, as OpenAI does")
+                         "never do); default: --orbax's run's rollout.max_turn_tokens, else the "
+                         "rest of the cache, as OpenAI does")
     ap.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: none)")
     ap.add_argument("--max-body-mb", type=float, default=8.0, help="larger bodies get a 413")
     ap.add_argument("--idle-timeout-s", type=float, default=30.0,
@@ -878,6 +917,7 @@ def main(argv=None):
     # INFO for our lines only: orbax and absl log every file they touch at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
+    defaults_from_run(args)
     tok, cfg, params = load_model(args)
     server = build(tok, cfg, params, model_name=args.model_name, batch=args.batch,
                    cache_len=args.cache_len, chunk=args.chunk,

@@ -52,6 +52,10 @@ class Trainer:
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            # The run's config beside its checkpoints: `serve --orbax WORKDIR` reads the model,
+            # tokenizer and rollout limits from it, and a person what produced the run.
+            (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
         c = config
         self.rules = sharding.rules_from_config(c.rules)
         self.mesh = sharding.make_mesh(dict(c.mesh))

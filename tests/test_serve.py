@@ -445,3 +445,38 @@ def test_server_with_weights_cut_over_two_devices_replies_as_one_device():
     from tests.devices import run_with_devices
     out = run_with_devices(SHARDED_SERVER)
     assert out.returncode == 0 and "SAME" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_an_orbax_workdir_is_served_with_its_runs_own_config(tmp_path):
+    """A trainer writes its config beside its checkpoints; `serve --orbax WORKDIR` takes the
+    architecture, tokenizer and rollout limits from it where the flags say nothing."""
+    from tarl_jax import configlib, trainer
+    c = configlib.load("configs/tiny.py", "runlocal")
+    c.model.preset, c.rollout.cache_len, c.rollout.max_turn_tokens = "micro", 1024, 40
+    t = trainer.Trainer(c, str(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["preset"] == "micro"
+    ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"))
+    params = t._initial_params
+    ckpt.save(1, {"step": np.int32(1), "params": {"policy": params}}, {"history": []}, force=True)
+    ckpt.close()
+    unset = dict(hf=None, gguf=None, preset=None, arch=None, step=None, tokenizer=None,
+                 dtype="float32", seed=0, tensor=None, cache_len=None, max_tokens=None,
+                 enable_thinking=None)
+    for where in ("run", "run/checkpoints"):
+        args = argparse.Namespace(**unset, orbax=str(tmp_path / where))
+        serve.defaults_from_run(args)
+        assert (args.arch, args.tokenizer, args.tensor, args.cache_len, args.max_tokens,
+                args.enable_thinking) == ("micro", "tiny", 1, 1024, 40, False), where
+        _, cfg, loaded = serve.load_model(args)
+        assert cfg == presets.get("micro")
+        assert jax.tree.all(jax.tree.map(np.array_equal, loaded, params))
+    # flags win over the run's config; a workdir without one falls back to the plain defaults
+    args = argparse.Namespace(**{**unset, "cache_len": 512, "enable_thinking": True},
+                              orbax=str(tmp_path / "run"))
+    serve.defaults_from_run(args)
+    assert (args.cache_len, args.enable_thinking) == (512, True)
+    (tmp_path / "bare").mkdir()
+    args = argparse.Namespace(**unset, orbax=str(tmp_path / "bare"))
+    serve.defaults_from_run(args)
+    assert (args.arch, args.tensor, args.cache_len, args.max_tokens, args.enable_thinking) == \
+        ("tiny", 1, 4096, None, True)
