@@ -33,9 +33,8 @@ import torch
 import transformers
 
 from tarl_jax import components
-from tarl_jax.models import hf, qwen
 from tarl_jax.bench import best_time, limits
-from tarl_jax.models import bucket
+from tarl_jax.models import bucket, hf, qwen
 from tarl_jax.sampler import Sampler
 
 
@@ -109,7 +108,7 @@ def main(argv=None):
     print(f"\ndecode throughput: prompt {args.prompt}, {args.new} new tokens, greedy "
           f"(tokens/s over the whole generate call, prefill included; compile excluded). "
           f"Bandwidth: a decode step reads every weight and each row's keys and values over the "
-          f"cache window; bytes a step x steps/s, against the copy rate above")
+          f"cache window; bytes a step x steps/s, against the streaming rate above")
     print(f"{'batch':>5} {'tarl_jax tok/s':>15} {'transformers tok/s':>19} {'ratio':>6} "
           f"{'compile s':>9} {'same tokens':>11} {'MB a step':>9} {'GB/s read':>9} "
           f"{'of bandwidth':>12}")
