@@ -103,18 +103,14 @@ def serve(config):
     """The config's model with the workdir's latest trained policy (if any) behind the server."""
     from tarl_jax import components, serve as serve_lib, sharding
     from tarl_jax.rl import checkpoint
+    settings = serve_lib.as_rollouts(config.rollout)
     # Loaded straight onto the devices it is served from (rollout.tensor of this host's).
-    tensor = config.rollout.get("tensor", 1)
-    mesh = sharding.local_tensor_mesh(tensor)
+    mesh = sharding.local_tensor_mesh(settings["tensor"])
     trained = checkpoint.Checkpointer.exists(FLAGS.workdir)
     tok, cfg, params = components.load_model(
         {**config.model, "orbax": FLAGS.workdir if trained else ""}, mesh, sharding.DEFAULT_RULES,
         config.seed)
-    # Prompts and reply caps as rollouts make them (no <think>, max_turn_tokens a turn): outside
-    # harnesses never send max_tokens, and an untrained policy would otherwise fill the cache.
-    server = serve_lib.build(tok, cfg, params, cache_len=config.rollout.cache_len,
-                             host=FLAGS.host, port=FLAGS.port, enable_thinking=False,
-                             max_tokens=config.rollout.max_turn_tokens, tensor=tensor)
+    server = serve_lib.build(tok, cfg, params, host=FLAGS.host, port=FLAGS.port, **settings)
     print(f"serving {FLAGS.workdir} at {server.url}", flush=True)
     try:
         server.serve_forever()

@@ -848,24 +848,30 @@ def run_config(orbax: str) -> dict | None:
     return None
 
 
+def as_rollouts(rollout) -> dict:
+    """`build`'s settings that serve a trained policy as its run's rollouts sampled it: their
+    cache, reply cap and devices, prompts without <think>. (Outside harnesses never send
+    max_tokens, and an untrained policy would otherwise fill the cache.)"""
+    return dict(cache_len=rollout.get("cache_len", 4096), max_tokens=rollout.get("max_turn_tokens"),
+                tensor=rollout.get("tensor", 1), enable_thinking=False)
+
+
 def defaults_from_run(args) -> None:
     """--orbax: what the flags leave unset comes from the run's own config (its model's
     architecture and tokenizer, rollout.tensor, cache_len and max_turn_tokens, prompts without
     <think> as rollouts render them); without one, the flags' plain defaults."""
     run = run_config(args.orbax) if args.orbax else None
-    model, rollout = (run or {}).get("model", {}), (run or {}).get("rollout", {})
+    model = (run or {}).get("model", {})
     if args.orbax and args.arch is None:
         args.arch = model.get("hf_dir") or model.get("preset") or "tiny"
         if run is None:
             log.warning("%s has no config.json: serving it as --arch tiny", args.orbax)
     if args.orbax and args.tokenizer is None and run is not None:
         args.tokenizer = model.get("tokenizer") or None
-    for flag, key, plain in (("tensor", "tensor", 1), ("cache_len", "cache_len", 4096),
-                             ("max_tokens", "max_turn_tokens", None)):
+    plain = dict(cache_len=4096, max_tokens=None, tensor=1, enable_thinking=True)
+    for flag, value in (as_rollouts(run.get("rollout", {})) if run else plain).items():
         if getattr(args, flag) is None:
-            setattr(args, flag, rollout.get(key, plain))
-    if args.enable_thinking is None:
-        args.enable_thinking = run is None
+            setattr(args, flag, value)
 
 
 def load_model(args) -> tuple[tokenizer_lib.ChatTokenizer, qwen.DecoderConfig, Any]:
