@@ -27,7 +27,8 @@ BRIEFS = {0: ("You are a customer service agent of an online store. Confirm ever
           # Level 1 names its six tools and their arguments here (tool_view none): with the
           # schemas listed (517 more prompt tokens) the copy of ids never formed in 300 SFT steps.
           1: ("You are a customer service agent of an online store. The user is signed in "
-              "(their user id ends this message). Look up the order with get_order_details(order_id), and the user's payment methods "
+              "(their user id ends this message). Look up the order with "
+              "get_order_details(order_id), and the user's payment methods "
               "with get_user_details(user_id) when you need one. Confirm every change with the "
               "user, then call cancel_pending_order(order_id, reason), "
               "modify_pending_order_payment(order_id, payment_method_id), "

@@ -120,8 +120,7 @@ def control_step(state, train_step, demos: Demonstrations, key, seed: int, step:
         state, m = train_step(state, demos.batch(rng, n), jax.random.fold_in(key, n))
         nll.append(float(m["loss"]))   # waits for the update: the clock sees its cost
         n += 1
-    # The loop's step counts steps, not updates (it is where a resumed run starts).
-    state["step"] = jax.device_put(np.int32(step + 1), state["step"].sharding)
+    state = step_lib.at_step(state, step + 1)   # the loop's step counts steps, not updates
     metrics = {k: float(v) for k, v in jax.device_get(m).items()}
     metrics.update({"sft/updates": n, "sft/nll": float(np.mean(nll)), "math_batch": 0.0,
                     "time/step_s": time.perf_counter() - t0})

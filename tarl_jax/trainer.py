@@ -317,10 +317,11 @@ class Trainer:
         packed = batch_lib.rl_batch(c, episodes, rewards, turn_r, np.repeat(np.arange(len(tasks)), g),
                                     speech=self.speech, audio_token_id=self.audio_id or -1,
                                     train_audio=self.train_audio)
+        signal = self._has_signal(packed.arrays)
+        dev = step_lib.device_batch(packed.arrays, self.keys, self.mesh, self.rules) if signal \
+            else None
         t_pack = time.perf_counter()
-        if self._has_signal(packed.arrays):
-            dev = step_lib.device_batch(packed.arrays, self.keys, self.mesh, self.rules)
-            t_pack = time.perf_counter()
+        if signal:
             if self.ppo:
                 _, dev["values"] = self.score(state["params"], dev)
             if c.rl.kl_coef:
@@ -334,8 +335,7 @@ class Trainer:
             # Every advantage is 0 (each group tied): the step would compute a full forward and
             # backward only to discard them (rl.skip_no_signal). Skipped here instead: no loss,
             # gradient or entropy figures for this step, and the optimizer does not move.
-            state = {**state, "step": jax.device_put(np.int32(step + 1), state["step"].sharding)}
-            m = {"skipped": 1.0, "nonfinite": 0.0}
+            state, m = step_lib.at_step(state, step + 1), {"skipped": 1.0, "nonfinite": 0.0}
         t_update = time.perf_counter()
         # Where a step's time goes (the rollout's rounds: prefill, decode, and the episodes' host
         # work between them: sandbox, user simulator, rendering).

@@ -24,6 +24,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from tarl_jax import sharding
@@ -114,6 +115,13 @@ def state_logical_axes(model_cfg: qwen.DecoderConfig, optimizer, ppo: bool,
 def state_shardings(model_cfg, optimizer, ppo, mesh, rules=sharding.DEFAULT_RULES, audio_cfg=None):
     return sharding.logical_sharding(state_logical_axes(model_cfg, optimizer, ppo, audio_cfg),
                                      mesh, rules)
+
+
+def at_step(state: dict, step: int) -> dict:
+    """`state` with its step counter set to `step` (where a resumed run starts), on the
+    counter's own sharding: for loop steps that made several updates (the SFT control) or none
+    (a tied batch)."""
+    return {**state, "step": jax.device_put(np.int32(step), state["step"].sharding)}
 
 
 def init_state(policy_params, optimizer, model_cfg, ppo: bool, shardings,
