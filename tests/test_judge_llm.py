@@ -42,6 +42,10 @@ class Scripted(http.server.BaseHTTPRequestHandler):
         scenario = re.search(r"SCENARIO=(\w+)", prompt).group(1)
         n = int(re.search(r"## Dialogue \((\d+) agent turns\)", prompt).group(1))
         repair = len(body["messages"]) > 2
+        fmt = body.get("response_format", {})
+        # The judge's retry of an answer cut at the length limit: a schema without reasons.
+        shortened = fmt.get("type") == "json_schema" and fmt["json_schema"]["schema"]["properties"][
+            "turns"]["prefixItems"][0]["properties"]["reason"]["maxLength"] == 0
         with self.lock:
             k = self.calls[scenario] = self.calls.get(scenario, 0) + 1
             self.requests.append(body)
@@ -55,7 +59,7 @@ class Scripted(http.server.BaseHTTPRequestHandler):
             content = verdict(n + 1)
         elif scenario == "nonjson":
             content = "The agent did fine overall."
-        elif scenario == "truncated" and not repair:
+        elif scenario == "truncated" and not repair and not shortened:
             content, finish = content[:25], "length"
         elif scenario == "slow" and k == 1:
             time.sleep(1.5)
@@ -124,16 +128,25 @@ def test_batch_parses_repairs_falls_back_and_caches(server, tmp_path):
         assert got[s].source == "llm" and got[s].scores == [1, -1, 1], s
         assert got[s].reasons == ["r1", "r2", "r3"]
     assert got["two_neg"].meta["attempts"] == 2 and got["truncated"].meta["attempts"] == 2
+    assert got["truncated"].meta["shortened"] and not got["two_neg"].meta["shortened"]
     for s, why in (("wrong_count", "expected 3 turns, got 4"), ("nonjson", "not valid JSON"),
                    ("always500", "HTTP 503")):
         assert got[s].source == "rule" and got[s].meta["fallback_from"] == "llm", s
         assert why in got[s].meta["error"], got[s].meta
     # The repair request shows the model its own answer and what was wrong with it.
     repair = next(r for r in Scripted.requests
-                  if len(r["messages"]) > 2 and "SCENARIO=truncated" in r["messages"][1]["content"])
-    assert "cut at max_tokens" in repair["messages"][-1]["content"]
+                  if len(r["messages"]) > 2 and "SCENARIO=two_neg" in r["messages"][1]["content"])
+    assert "at most one turn may score -1" in repair["messages"][-1]["content"]
+    # An answer the schema-holding server cut at max_tokens is asked for again, the same messages
+    # with reasons of at most 0 characters: not a repair.
+    cut = [r for r in Scripted.requests if "SCENARIO=truncated" in r["messages"][1]["content"]]
+    reason = lambda r: r["response_format"]["json_schema"]["schema"]["properties"]["turns"][
+        "prefixItems"][0]["properties"]["reason"]
+    assert [reason(r)["maxLength"] for r in cut] == [160, 0]
+    assert cut[0]["messages"] == cut[1]["messages"]
     assert stats["invalid_answers"] == 2 + 2 + 1 + 1     # wrong_count, nonjson, two_neg, truncated
-    assert stats["repairs"] == 4 and stats["fallbacks"] == 3 and stats["dropped"] == 0
+    assert stats["repairs"] == 3 and stats["shortened"] == 1
+    assert stats["fallbacks"] == 3 and stats["dropped"] == 0
     # slow: 1 timeout; err5xx: 2 x 503; always500: 3 x 503 (2 retries, then it gives up)
     assert stats["transport_retries"] == 1 + 2 + 2
     assert stats["requests"] == len(Scripted.requests)
@@ -147,6 +160,14 @@ def test_batch_parses_repairs_falls_back_and_caches(server, tmp_path):
     assert [j.scores for j in again] == [j.scores for j in out]
     assert stats2["cache_hits"] == answered
     assert stats2["requests"] == 3 == len(Scripted.requests) - seen    # only always500 goes live
+
+
+def test_cut_answer_without_a_schema_is_repaired(server, tmp_path):
+    """json_object mode: no schema to shorten, so the cut answer goes back to the model."""
+    (j,), stats = llm.judge_batch([item("truncated")], cfg(server, tmp_path, json_mode=True))
+    assert j.source == "llm" and j.meta["attempts"] == 2 and not j.meta["shortened"]
+    assert stats["repairs"] == 1 and stats["shortened"] == 0 and stats["invalid_answers"] == 1
+    assert "cut at max_tokens" in Scripted.requests[-1]["messages"][-1]["content"]
 
 
 def test_drop_fallback_and_samples(server, tmp_path):

@@ -261,12 +261,14 @@ def test_llm_judge_against_the_server_falls_back_without_losing_samples(server, 
     out, stats = llm.judge_batch(items, dict(base_url=server.url, api_key="x", model=NAME,
                                              max_tokens=8, max_repairs=1, max_retries=0, timeout=60,
                                              cache_dir=str(tmp_path)))
-    # Random weights never write a verdict: each item is asked, re-asked once, then rule-judged.
+    # Random weights never finish a verdict in 8 tokens: each item is asked, asked again without
+    # reasons (the answer was cut at max_tokens), re-asked once, then rule-judged.
     assert [len(j.scores) for j in out] == [1, 2, 3]
     assert all(j.source == "rule" and "invalid answer" in j.meta["error"] for j in out)
-    assert stats["requests"] == 6 and stats["invalid_answers"] == 6 and stats["repairs"] == 3
+    assert stats["requests"] == 9 and stats["invalid_answers"] == 9
+    assert stats["shortened"] == 3 and stats["repairs"] == 3
     assert stats["fallbacks"] == 3 and stats["dropped"] == 0 and stats["transport_retries"] == 0
-    assert stats["tokens_in"] > 0 and 0 < stats["tokens_out"] <= 6 * 8
+    assert stats["tokens_in"] > 0 and 0 < stats["tokens_out"] <= 9 * 8
 
 
 def test_checkpoint_sources_orbax_policy_only_and_hf(tmp_path, tok):

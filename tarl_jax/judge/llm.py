@@ -5,7 +5,8 @@ with numbered agent turns (the dialogue's system prompt, the domain policy, is l
 answers `{"turns": [{"turn": i, "score": s, "reason": "..."}]}` for i = 1..T. An answer is
 valid only if it is that JSON object (a surrounding ``` fence is tolerated) with exactly one entry
 per turn, scores in {-1, 0, 1} and at most one -1. An invalid answer is shown back to the model
-with the validation error (`max_repairs` times); transport failures (timeouts, connection
+with the validation error (`max_repairs` times), but one that a schema-holding server cut at the
+length limit is asked for again once with empty reasons (stats `shortened`); transport failures (timeouts, connection
 errors, 429/5xx, a whole answer not within `timeout`, a 200 whose body is not a chat completion)
 are retried with exponential backoff or the server's Retry-After (`max_retries` times); a
 corrupt cache entry is ignored and rewritten. If it still fails,
@@ -216,6 +217,7 @@ class JudgeStats:
     malformed_answers: int = 0    # 200s whose body was not a chat completion
     invalid_answers: int = 0
     repairs: int = 0
+    shortened: int = 0            # schema answers cut at the length limit, asked again without reasons
     fallbacks: int = 0
     dropped: int = 0
     wall_s: float = 0.0
@@ -316,14 +318,15 @@ class LLMJudge:
         optional = dict(temperature=c["temperature"], max_tokens=c["max_tokens"],
                         seed=None if c["seed"] is None else c["seed"] + sample)
         request.update({k: v for k, v in optional.items() if v is not None})
+        schema = lambda reason_chars: {"type": "json_schema", "json_schema": {
+            "name": "verdict", "schema": verdict_schema(n_turns, reason_chars), "strict": False}}
         if c["json_mode"] == "schema":
-            request["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "verdict", "schema": verdict_schema(n_turns, c["max_reason_chars"]),
-                "strict": False}}
+            request["response_format"] = schema(c["max_reason_chars"])
         elif c["json_mode"]:
             request["response_format"] = {"type": "json_object"}
-        error = ""
-        for attempt in range(c["max_repairs"] + 1):
+        error, attempts, repairs, shortened = "", 0, 0, False
+        while True:
+            attempts += 1
             try:
                 answer = await self._complete(client, sem, stats, request, sample)
             except _TransportFailure as e:
@@ -334,18 +337,31 @@ class LLMJudge:
             except InvalidVerdict as e:
                 stats.invalid_answers += 1
                 error = f"invalid answer: {e}"
-                if answer["finish_reason"] == "length":
+                cut = answer["finish_reason"] == "length"
+                if cut:
                     error += " (the answer was cut at max_tokens: keep reasons short)"
-                if attempt < c["max_repairs"]:
+                if cut and c["json_mode"] == "schema" and c["max_reason_chars"] and not shortened:
+                    # A server holding the answer to the schema still stops at max_tokens or the
+                    # end of its context, mid-verdict (a 135M judge wrote 60-character reasons
+                    # of digits, a token each, 2 times in 140). Asked again for empty reasons
+                    # (about 12 tokens a turn): a new request, not a repair of this answer.
+                    shortened = True
+                    stats.shortened += 1
+                    request = dict(request, response_format=schema(0))
+                    continue
+                if repairs < c["max_repairs"]:
+                    repairs += 1
                     stats.repairs += 1
                     request = dict(request, messages=request["messages"] + [
                         {"role": "assistant", "content": answer["content"]},
                         {"role": "user", "content": f"Your answer is not valid: {error}. Reply again "
                                                     f"with only the JSON object, one entry for each "
                                                     f"of the {n_turns} agent turns."}])
-                continue
+                    continue
+                break
             return Judgement(scores, reasons, source="llm",
-                             meta={"model": c["model"], "attempts": attempt + 1, "sample": sample})
+                             meta={"model": c["model"], "attempts": attempts, "sample": sample,
+                                   "shortened": shortened})
         if c["fallback"] == "drop":
             stats.dropped += 1
             return None
