@@ -219,7 +219,9 @@ def test_step_config_from_the_run_config():
     assert sc.temperature == 1.0 and sc.lam == 1.0 and sc.skip_no_signal
     assert sc.loss.agg == "token_sum_norm"
     assert sc.loss.max_len == c.rollout.max_turn_tokens * c.world.max_steps
-    assert batch_lib.step_config(configlib.load(tiny, "algo=grpo")).loss.agg == "token_mean"
+    # agg "" is the algorithm's own (level 0 chooses seq_mean for GRPO: configs/tiny.py)
+    assert batch_lib.step_config(configlib.load(tiny, "algo=grpo,level=1")).loss.agg == "token_mean"
+    assert batch_lib.step_config(configlib.load(tiny, "algo=grpo")).loss.agg == "seq_mean"
     c.rl.agg = "seq_mean"   # an explicit choice stands
     assert batch_lib.step_config(c).loss.agg == "seq_mean"
     params = {"policy": qwen.init_params(CFG, jax.random.key(0))}
