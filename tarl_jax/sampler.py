@@ -82,11 +82,14 @@ def append(model: qwen.Decoder, params, state: DecodeState, tokens, num_new, aud
     return DecodeState(cache, state.length + num_new, hidden)
 
 
-def sample_logits(logits, keys, temperature, top_p, top_k, truncate: bool):
+def sample_logits(logits, keys, temperature, top_p, top_k, truncate: bool, draw: bool = True):
     """One token per row from logits [B, V]; keys [B]; temperature, top_p [B] float; top_k [B] int.
 
-    Gumbel-max on logits / T restricted to the top-k / top-p set; argmax where T == 0.
+    Gumbel-max on logits / T restricted to the top-k / top-p set; argmax where T == 0. draw=False
+    (static; every row greedy): argmax only, without drawing B x V Gumbel noise the rows ignore.
     """
+    if not draw:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
     if truncate:
@@ -113,7 +116,7 @@ def token_logprobs(logits, tokens, temperature):
 
 def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, top_p, top_k,
            stop_tokens, max_new, logprob_temperature, banned=-1, allow=None, first_step=0, *,
-           steps: int, truncate: bool, top_logprobs: int = 0):
+           steps: int, truncate: bool, top_logprobs: int = 0, draw: bool = True):
     """Sample until every row stops; returns (state, tokens [B, steps] (-1 past the end),
     logprobs [B, steps], counts [B], reasons [B]). stop_tokens: [B, K] int, padded with -1;
     logprobs are taken under log_softmax(logits / logprob_temperature). `banned` (a token id,
@@ -121,7 +124,8 @@ def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, to
     int32 words, e.g. a grammar's mask: constrain.py); like truncation, neither is reflected
     in the log-probs. Step t of row b samples with fold_in(its key, first_step[b] + t).
     top_logprobs k > 0: also the k likeliest tokens of each step and their log-probs (the same
-    distribution), [B, steps, k] each, as a sixth and seventh output."""
+    distribution), [B, steps, k] each, as a sixth and seventh output. draw=False: every row is
+    greedy (see sample_logits)."""
     batch, cache_len = state.length.shape[0], state.cache["k"].shape[2]
     # One key per row when given (a row's samples then do not depend on the batch it is in).
     row_keys = rng if rng.ndim == 1 else jax.random.split(rng, batch)
@@ -146,7 +150,7 @@ def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, to
         if allow is not None:
             bits = (allow[:, ids // 32] >> (ids % 32)) & 1
             allowed = jnp.where(bits == 1, allowed, -jnp.inf)
-        tok = sample_logits(allowed, keys, temperature, top_p, top_k, truncate)
+        tok = sample_logits(allowed, keys, temperature, top_p, top_k, truncate, draw)
         lp = token_logprobs(logits, tok, logprob_temperature)
         if top_logprobs:
             values, ids_k = jax.lax.top_k(
@@ -174,7 +178,7 @@ def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, to
 _append_jit = jax.jit(append, static_argnums=0, donate_argnums=2,
                       static_argnames=("audio_token_id",))
 _decode_jit = jax.jit(decode, static_argnums=0, donate_argnums=2,
-                      static_argnames=("steps", "truncate", "top_logprobs"))
+                      static_argnames=("steps", "truncate", "top_logprobs", "draw"))
 
 
 @dataclasses.dataclass
@@ -367,7 +371,7 @@ class Sampler:
             -1 if self.audio_token_id is None else self.audio_token_id,
             None if allow is None else np.asarray(allow, np.int32),
             _per_row(first_step, batch, np.int32, "first_step"), steps=steps, truncate=truncate,
-            top_logprobs=top_logprobs)
+            top_logprobs=top_logprobs, draw=bool(np.any(sampled)))
         tokens, logprobs, counts, reasons, *top = jax.device_get(out)
         outs = [Completion(tokens[b, :n].tolist(), logprobs[b, :n].tolist(), REASONS[int(r)])
                 for b, (n, r) in enumerate(zip(counts, reasons))]

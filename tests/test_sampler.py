@@ -126,6 +126,16 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(tiny):
     assert [o.tokens for o in s.generate(PROMPTS, max_new_tokens=12, top_k=1, seed=3)] == want
     assert [o.tokens for o in s.generate(PROMPTS, max_new_tokens=12, top_p=1e-6, seed=3)] == want
 
+    # One sampled row makes the whole batch draw noise; its greedy rows stay greedy.
+    mixed = s.generate(PROMPTS, max_new_tokens=12, temperature=[0.0, 1.0, 0.0], seed=3)
+    assert [mixed[0].tokens, mixed[2].tokens] == [want[0], want[2]]
+    logits = jax.random.normal(jax.random.key(0), (5, 128))
+    keys = jax.random.split(jax.random.key(1), 5)
+    zero, one = jnp.zeros(5), jnp.ones(5)
+    np.testing.assert_array_equal(
+        sampler_lib.sample_logits(logits, keys, zero, one, jnp.zeros(5, int), False, draw=False),
+        sampler_lib.sample_logits(logits, keys, zero, one, jnp.zeros(5, int), False, draw=True))
+
 
 def test_stop_tokens_max_lengths_and_cache_full(tiny):
     _, _, _, s = tiny
