@@ -243,7 +243,7 @@ def test_cache_is_updated_in_place(scan):
     lies. Taking a layer's slice out of the [L, B, S, Hkv, D] cache and setting it back (the code
     before) made XLA copy whole layer caches every step: 4.2 (7.4 under nn.scan) layer caches of
     scratch memory per decode program against 2.2 (2.5) now, the two being the attention's own
-    reads of K and V, and 2.6x slower decode (python -m tarl_jax.bench.sampler, README)."""
+    reads of K and V, and decode 2.0x slower at batch 64 (README, Benchmarks)."""
     import dataclasses
     from tarl_jax.models import presets
     cfg = dataclasses.replace(presets.PRESETS["tiny"], scan_layers=scan)

@@ -6,10 +6,10 @@ answers `{"turns": [{"turn": i, "score": s, "reason": "..."}]}` for i = 1..T. An
 valid only if it is that JSON object (a surrounding ``` fence is tolerated) with exactly one entry
 per turn, scores in {-1, 0, 1} and at most one -1. An invalid answer is shown back to the model
 with the validation error (`max_repairs` times), but one that a schema-holding server cut at the
-length limit is asked for again once with empty reasons (stats `shortened`); transport failures (timeouts, connection
-errors, 429/5xx, a whole answer not within `timeout`, a 200 whose body is not a chat completion)
-are retried with exponential backoff or the server's Retry-After (`max_retries` times); a
-corrupt cache entry is ignored and rewritten. If it still fails,
+length limit is asked for again once with empty reasons (stats `shortened`); transport failures
+(timeouts, connection errors, 429/5xx, a whole answer not within `timeout`, a 200 whose body is
+not a chat completion) are retried with exponential backoff or the server's Retry-After
+(`max_retries` times); a corrupt cache entry is ignored and rewritten. If it still fails,
 `fallback` decides: "rule" scores the sample with the rule judge (source "rule",
 meta["fallback_from"] = "llm"), "drop" returns None in its place. Every retry, repair, fallback
 and drop is counted in the batch stats.

@@ -219,7 +219,7 @@ class Attention(nn.Module):
         """cache: None (training) or every layer's (k, v) [L, B, S, Hkv, D], of which this layer
         (`layer`, an int or a traced index under nn.scan) writes and reads its own slice in
         place. Taking the slice out and setting it back, per layer, copied the whole cache two
-        or three times a decode step (the tiny model at batch 64: 2.6x slower decode)."""
+        or three times a decode step (the tiny model at batch 64: 2.0x slower decode)."""
         c = self.cfg
         dt, pdt = c.dtype, c.param_dtype
         init = nn.initializers.normal(0.02)
