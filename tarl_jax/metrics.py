@@ -110,9 +110,10 @@ def _headline(ev: dict) -> tuple[str, float, int]:
     return "pass^1", ev["pass^1"], len(ev.get("per_task", {})) or 1
 
 
-def summary(meta: dict, workdir: pathlib.Path) -> str:
-    """What a run did, for a person: held-out pass^1 before and after RL with 95% intervals,
-    the paired difference on the same tasks, and where the evidence lies."""
+def summary(meta: dict, workdir: pathlib.Path, split: str = "held-out") -> str:
+    """What a run did, for a person: pass^1 on the evaluation split ("held-out", or
+    "validation" for a run that tunes) before and after RL with 95% intervals, the paired
+    difference on the same tasks, and where the evidence lies."""
     from tarl_jax import stats
     lines = []
     evals = meta.get("evals", [])
@@ -123,7 +124,7 @@ def summary(meta: dict, workdir: pathlib.Path) -> str:
         lo0, hi0 = stats.wilson(p0 * n, n)
         lo1, hi1 = stats.wilson(p1 * n, n)
         what = "tasks needing a write" if key.endswith("writes") else "tasks"
-        lines.append(f"held-out pass^1 on {n} {what} (greedy): step {first['step']} {p0:.3f} "
+        lines.append(f"{split} pass^1 on {n} {what} (greedy): step {first['step']} {p0:.3f} "
                      f"[{lo0:.3f}, {hi0:.3f}] -> step {last['step']} {p1:.3f} [{lo1:.3f}, {hi1:.3f}]"
                      " (95% Wilson)")
         if "per_task" in first and "per_task" in last:
@@ -168,9 +169,9 @@ def time_phases(history: list[dict]) -> dict[str, float]:
     return {name: float(np.mean([h[k] for h in rows])) for name, k in PHASES.items()} if rows else {}
 
 
-def plot(meta: dict, path: pathlib.Path):
-    """Training reward per RL step (and its running mean) beside held-out pass^1 with 95%
-    Wilson intervals at every evaluation."""
+def plot(meta: dict, path: pathlib.Path, split: str = "held-out"):
+    """Training reward per RL step (and its running mean) beside pass^1 on the evaluation split
+    with 95% Wilson intervals at every evaluation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -200,7 +201,7 @@ def plot(meta: dict, path: pathlib.Path):
         ax[1].errorbar(x, y, yerr=[np.array(y) - ci[:, 0], ci[:, 1] - np.array(y)], fmt="o-",
                        capsize=3)
         ax[1].set_ylim(0, 1)
-        ax[1].set_title(f"held-out pass^1, {n} tasks (95% Wilson)")
+        ax[1].set_title(f"{split} pass^1, {n} tasks (95% Wilson)")
     ax[1].set_xlabel("RL step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -435,9 +435,11 @@ class Trainer:
             if self.writer:
                 self.writer.close()
         if self.writer:
-            metrics_lib.plot(meta, self.workdir / "reward.png")
+            # A tuning run evaluates on validation: its summary must not read as held-out.
+            split = "validation" if c.world.get("eval_split") == "validation" else "held-out"
+            metrics_lib.plot(meta, self.workdir / "reward.png", split)
             (self.workdir / "summary.json").write_text(json.dumps(
                 {"evals": meta["evals"], "warmstart": meta.get("warmstart"),
                  "limits": self.limits}, indent=1))
-            (self.workdir / "summary.txt").write_text(metrics_lib.summary(meta, self.workdir) + "\n")
+            (self.workdir / "summary.txt").write_text(metrics_lib.summary(meta, self.workdir, split) + "\n")
         return state, meta

@@ -53,6 +53,7 @@ def test_main_job_writes_everything(uninterrupted):
     assert (workdir / "reward.png").stat().st_size > 1000
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
     assert "pass^1" in out.stdout
+    assert (workdir / "summary.txt").read_text().startswith("held-out pass^1")   # the test split
 
 
 def _metrics_has_step_2(workdir):

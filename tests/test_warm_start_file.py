@@ -114,7 +114,12 @@ def test_the_demo_argument_starts_from_the_shipped_file_with_the_validated_rl_se
     assert c.warmstart.init == "tiny-level0" and checkpoint.warm_start_path("tiny-level0").exists()
     assert (c.rl.credit, c.rl.agg, c.optim.lr, c.rollout.temperature) == ("per_turn", "seq_mean", 1e-4, 0.3)
     assert configlib.load(TINY, "demo,credit=trajectory").rl.credit == "trajectory"
-    assert configlib.load(TINY).warmstart.init == ""   # the plain default still warm-starts itself
+    plain = configlib.load(TINY)
+    assert plain.warmstart.init == ""   # the plain default still warm-starts itself
+    # ... then runs the same validated RL (it broke its warm start with settings of its own)
+    assert (plain.rl.credit, plain.rl.agg, plain.optim.lr, plain.rollout.tasks_per_step,
+            plain.total_steps) == (c.rl.credit, c.rl.agg, c.optim.lr, 16, 30) == \
+        (c.rl.credit, c.rl.agg, c.optim.lr, c.rollout.tasks_per_step, c.total_steps)
     with pytest.raises(ValueError, match="level 0"):
         configlib.load(TINY, "demo,level=1")
 
@@ -125,7 +130,9 @@ def test_the_summary_reads_a_loaded_warm_start_with_or_without_its_first_nll(tmp
     for ws, want in (({"nll_last": 0.17, "init": "f.safetensors"}, "NLL 0.17, loaded from f.safetensors"),
                      ({"nll_first": 7.6, "nll_last": 0.2, "expert_solved": 9}, "NLL 7.60 -> 0.20 on 9")):
         text = metrics.summary({"evals": evals, "warmstart": ws}, tmp_path)
-        assert want in text and "step 0 0.000" in text
+        assert want in text and "step 0 0.000" in text and text.startswith("held-out pass^1")
+    # a tuning run's evaluations are on the validation split, and its summary says so
+    assert metrics.summary({"evals": evals}, tmp_path, "validation").startswith("validation pass^1")
 
 
 def test_a_warm_start_continues_from_a_file_with_its_steps_counted_on(tmp_path):
