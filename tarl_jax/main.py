@@ -79,7 +79,7 @@ def main(argv):
     t = trainer.Trainer(config, FLAGS.workdir)
     if config.mode == "train":
         try:
-            _, meta = t.run()
+            t.run()
         except (FloatingPointError, checkpoint.CheckpointWriteError) as e:
             # non-finite updates (rl.max_nonfinite), a full disk: one clear line, exit 1. The
             # trainer has closed its files; exiting now keeps the line last, where a failed
@@ -87,8 +87,8 @@ def main(argv):
             print(f"error: {e}", file=sys.stderr, flush=True)
             os._exit(1)
         if jax.process_index() == 0:
-            from tarl_jax import metrics
-            print(metrics.summary(meta, t.workdir), flush=True)
+            # The summary the trainer wrote (it knows which split the run evaluated on).
+            print((t.workdir / "summary.txt").read_text(), end="", flush=True)
     elif config.mode == "warmstart":
         # Writes the warm start a run can begin from (warmstart.init): `--warmstart_out`.
         meta = t.save_warm_start(FLAGS.warmstart_out)

@@ -868,7 +868,7 @@ def defaults_from_run(args) -> None:
             log.warning("%s has no config.json: serving it as --arch tiny", args.orbax)
     if args.orbax and args.tokenizer is None and run is not None:
         args.tokenizer = model.get("tokenizer") or None
-    plain = dict(cache_len=4096, max_tokens=None, tensor=1, enable_thinking=True)
+    plain = {**as_rollouts({}), "enable_thinking": True}   # no run: a chat model's defaults
     for flag, value in (as_rollouts(run.get("rollout", {})) if run else plain).items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)

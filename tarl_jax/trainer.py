@@ -441,5 +441,6 @@ class Trainer:
             (self.workdir / "summary.json").write_text(json.dumps(
                 {"evals": meta["evals"], "warmstart": meta.get("warmstart"),
                  "limits": self.limits}, indent=1))
-            (self.workdir / "summary.txt").write_text(metrics_lib.summary(meta, self.workdir, split) + "\n")
+            (self.workdir / "summary.txt").write_text(
+                metrics_lib.summary(meta, self.workdir, split) + "\n")
         return state, meta

@@ -54,6 +54,7 @@ def test_main_job_writes_everything(uninterrupted):
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
     assert "pass^1" in out.stdout
     assert (workdir / "summary.txt").read_text().startswith("held-out pass^1")   # the test split
+    assert (workdir / "summary.txt").read_text() in out.stdout   # printed as written
 
 
 def _metrics_has_step_2(workdir):
