@@ -59,7 +59,8 @@ def get_config(arg: str | None = None):
     # gives the policy ears for speech batches (see configs/tiny_speech.py); train_audio: RL
     # updates the audio encoder too (default: frozen, its embeddings cached per utterance).
     c.model = dict(preset="tiny", hf_dir="", gguf="", tokenizer="tiny", dtype="float32",
-                   scan_layers=False, remat="none", attn_chunk=0, audio="", train_audio=False)
+                   scan_layers=False, remat="none", attn_chunk=0, attn_sparse=False, audio="",
+                   train_audio=False)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.rules = ml_collections.config_dict.placeholder(tuple)  # None: sharding.DEFAULT_RULES
 
@@ -167,9 +168,10 @@ def get_config(arg: str | None = None):
         c.pack.seq_lens = (cache // 2, cache)
         # Level 1: 8 whole dialogues (~11k tokens) packed into 4 rows of 4096 an update.
         c.warmstart.update(seq_len=cache, batch_rows=4, dialogues=8 if level == 1 else 0)
-        # Query blocks that skip the keys causality hides: 2.0x faster updates on 4 x 4096
-        # rows than the full square (python -m tarl_jax.bench.attention; README).
-        c.model.attn_chunk = 512
+        # Blocks of 256 queries x 256 keys, skipping the pairs causality or the packed segments
+        # hide: 3.45x faster updates on 4 x 4096 rows than the full square, 1.74x than 512-query
+        # groups (python -m tarl_jax.bench.attention --chunks 512,512s,256s,128s; README).
+        c.model.update(attn_chunk=256, attn_sparse=True)
     if args.taubench:
         # tau-bench's own policy text makes the first prompt ~2k tokens: longer contexts.
         c.rollout.update(cache_len=8192, max_turn_tokens=48)

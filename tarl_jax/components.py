@@ -24,8 +24,8 @@ from tarl_jax.sandbox.user import OfflineUser
 # ---------------------------------------------------------------------------- model + tokenizer
 
 MODEL_DEFAULTS = dict(preset="tiny", hf_dir="", gguf="", orbax="", step=None, tokenizer="",
-                      dtype="float32", scan_layers=False, remat="none", attn_chunk=0, audio="",
-                      train_audio=False)
+                      dtype="float32", scan_layers=False, remat="none", attn_chunk=0, attn_sparse=False,
+                      audio="", train_audio=False)
 
 
 def tokenizer_dir(name: str, hf_dir: str = "") -> pathlib.Path | str:
@@ -84,7 +84,7 @@ def load_model(mcfg: Mapping, mesh=None, rules=None, seed: int = 0, with_audio: 
     tok_dir = tokenizer_dir(m["tokenizer"], m["hf_dir"])
     tok = tokenizer_lib.ChatTokenizer(tok_dir)
     overrides = dict(dtype=m["dtype"], scan_layers=m["scan_layers"], remat=m["remat"],
-                     attn_chunk=m["attn_chunk"])
+                     attn_chunk=m["attn_chunk"], attn_sparse=m["attn_sparse"])
     audio_kind, frozen = m["audio"], not m["train_audio"]
     if audio_kind and tok.audio_id is None:
         raise ValueError(f"model.audio={audio_kind!r} needs a tokenizer with <|AUDIO|> (an Omni "

@@ -1,9 +1,10 @@
 """Training attention on long packed rows: the full square (attn_chunk=0) against query blocks
-whose groups read only the keys causality lets them see (attn_chunk=C), in one jitted SFT
-update.
+whose groups read only the keys causality lets them see (attn_chunk=C), and against blocks
+skipped where causality or the packed segments hide them (attn_chunk=C with attn_sparse: "Cs"),
+in one jitted SFT update.
 
-    python -m tarl_jax.bench.attention [--shape tiny] [--rows 4] [--seq 4096] [--chunks 512,1024]
-        [--segment 1400] [--rounds 5]
+    python -m tarl_jax.bench.attention [--shape tiny] [--rows 4] [--seq 4096]
+        [--chunks 512,1024,512s] [--segment 1400] [--rounds 5]
 
 The update is the warm start's (rl/step.py's step with the SFT loss, adamw) on --rows rows of
 --seq tokens, each packed with segments of about --segment tokens (uniform in [segment/2,
@@ -46,17 +47,32 @@ def packed_batch(rows: int, seq: int, segment: int, vocab: int, seed: int = 0) -
                 advantages=mask.astype(np.float32), logprobs=zeros, ref_logprobs=zeros)
 
 
+def sparse_fraction(segment_ids: np.ndarray, chunk: int) -> float:
+    """The share of the rows' full score squares `qwen._sparse_attention` computes: the
+    (query block, key block) pairs at or below the diagonal whose segment ranges overlap."""
+    b, t = segment_ids.shape
+    n = t // chunk
+    blk = segment_ids.reshape(b, n, chunk)
+    lo = np.where(blk > 0, blk, np.iinfo(np.int32).max).min(-1)
+    hi = np.where(blk > 0, blk, -1).max(-1)
+    need = np.tril(np.ones((n, n), bool))[None] & (lo[:, :, None] <= hi[:, None, :]) \
+        & (lo[:, None, :] <= hi[:, :, None])
+    return float(need.sum()) / (b * n * n)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="tiny", help=f"one of {sorted(presets.PRESETS)}")
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--chunks", default="512,1024", help="attn_chunk values to compare with 0")
+    ap.add_argument("--chunks", default="512,1024,512s",
+                    help="attn_chunk values to compare with 0; a trailing s: with attn_sparse")
     ap.add_argument("--segment", type=int, default=1400, help="mean packed segment length")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
-    chunks = [0] + [int(c) for c in args.chunks.split(",") if c]
-    bad = [c for c in chunks if c and args.seq % c]
+    chunks = ["0"] + [c for c in args.chunks.split(",") if c]
+    size = lambda c: int(c.rstrip("s"))  # noqa: E731
+    bad = [c for c in chunks if size(c) and args.seq % size(c)]
     if bad:
         ap.error(f"--chunks {bad} do not divide --seq {args.seq}")
     base = presets.get(args.shape)
@@ -68,7 +84,7 @@ def main(argv=None):
     keys = S.BATCH_KEYS
     variants = {}
     for c in chunks:
-        cfg = dataclasses.replace(base, attn_chunk=c)
+        cfg = dataclasses.replace(base, attn_chunk=size(c), attn_sparse=c.endswith("s"))
         sh = S.state_shardings(cfg, opt, False, mesh)
         fn = S.jit_train_step(cfg, step_cfg, opt, mesh, sh, keys)
         db = S.device_batch(batch, keys, mesh)
@@ -86,13 +102,16 @@ def main(argv=None):
             walls.append(time.perf_counter() - w0)
             cpus.append(time.process_time() - c0)
             v[2] = state
-    full_w, full_c = min(variants[0][3]), min(variants[0][4])
-    n_scores = {c: qwen.score_fraction(args.seq, c) for c in chunks}
+    full_w, full_c = min(variants["0"][3]), min(variants["0"][4])
+    n_scores = {c: qwen.score_fraction(args.seq, size(c)) for c in chunks}
+    for c in chunks:
+        if c.endswith("s"):
+            n_scores[c] = sparse_fraction(batch["segment_ids"], size(c))
     print(f"\n{args.shape}, {args.rows} x {args.seq} rows, segments ~{args.segment}: one SFT update")
     print(f"{'attn_chunk':>10s} {'scores':>7s} {'best wall s':>12s} {'best CPU s':>11s} "
           f"{'wall vs full':>13s} {'CPU vs full':>12s}")
     for c, (_, _, _, walls, cpus) in variants.items():
-        print(f"{c:>10d} {n_scores[c]:7.2f} {min(walls):12.3f} {min(cpus):11.3f} "
+        print(f"{c:>10s} {n_scores[c]:7.2f} {min(walls):12.3f} {min(cpus):11.3f} "
               f"{full_w / min(walls):12.2f}x {full_c / min(cpus):11.2f}x")
 
 

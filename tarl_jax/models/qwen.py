@@ -45,6 +45,11 @@ class DecoderConfig:
     # Training (no cache): attend in query blocks of this many tokens, each block rematerialised
     # in the backward pass, so scores take [B, H, chunk, T] instead of [B, H, T, T] (0: one block).
     attn_chunk: int = 0
+    # With attn_chunk: go row by row and skip every (query block, key block) pair that causality
+    # or the packed segments hide entirely (`_sparse_attention`). Pays where rows hold several
+    # episodes and the loop's per-block overhead is cheap (CPU); off, the blocks go in a few
+    # large batched groups (accelerators).
+    attn_sparse: bool = False
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "DecoderConfig":
@@ -210,6 +215,70 @@ def _chunked_attention(qg, k, v, positions, segment_ids, chunk, dt):
     return jnp.concatenate(out, axis=1)
 
 
+def _sparse_attention(qg, k, v, positions, segment_ids, chunk, dt):
+    """Uncached attention over (row, query block, key block) triples, computing only the pairs
+    in which some query may see some key: key block <= query block, and the blocks' ranges of
+    segment ids overlap (a superset of "share a segment", so nothing visible is ever skipped;
+    exact masks inside a computed pair). Key blocks are folded in with the online softmax of
+    flash attention; each (row, query block) is one `jax.checkpoint`ed scan, so the backward pass
+    recomputes its blocks instead of keeping them. A packed row of two 2k episodes computes
+    about a third of the causal square's key blocks. Same result as `attention_mask`'s, up to
+    summation order; a query that sees nothing (padding) gives 0."""
+    b, t, kh, g, d = qg.shape
+    n = t // chunk
+    seg = segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32)
+    seg_blk = seg.reshape(b, n, chunk)
+    # Padding (segment 0) sees nothing and is seen by nothing: out of every block's range.
+    big = jnp.iinfo(jnp.int32).max
+    lo = jnp.where(seg_blk > 0, seg_blk, big).min(-1)
+    hi = jnp.where(seg_blk > 0, seg_blk, -1).max(-1)
+    qi, kj = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    need = (kj <= qi)[None] & (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])
+    scale = 1.0 / jnp.sqrt(jnp.float32(d))
+    neg = jnp.finfo(jnp.float32).min
+
+    def row_fn(args):
+        # Rows and query blocks are loop inputs, not indices into a captured array: the backward
+        # pass of an index would add each block's gradient into a zero array of the whole batch.
+        q_row, k_row, v_row, seg_row, need_row = args
+
+        @jax.checkpoint
+        def one(args):
+            q_blk, sq, i = args                                            # [C, K, G, D], [C]
+            rows = i * chunk + jnp.arange(chunk)
+
+            def key_block(carry, j):
+                def add(carry):
+                    o, m, l = carry
+                    kb = jax.lax.dynamic_slice_in_dim(k_row, j * chunk, chunk)   # [C, K, D]
+                    vb = jax.lax.dynamic_slice_in_dim(v_row, j * chunk, chunk)
+                    sk = jax.lax.dynamic_slice_in_dim(seg_row, j * chunk, chunk)
+                    cols = j * chunk + jnp.arange(chunk)
+                    mask = (rows[:, None] >= cols[None]) & (sq[:, None] == sk[None]) \
+                        & (sq[:, None] != 0)
+                    s = jnp.einsum("tkgd,skd->kgts", q_blk, kb).astype(jnp.float32) * scale
+                    s = jnp.where(mask, s, neg)
+                    # The result does not depend on the running max: no gradient through it.
+                    m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(-1)))
+                    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+                    corr = jnp.exp(m - m_new)
+                    o = o * jnp.moveaxis(corr, -1, 0)[..., None] + jnp.einsum(
+                        "kgts,skd->tkgd", p.astype(dt), vb).astype(jnp.float32)
+                    return o, m_new, l * corr + p.sum(-1)
+                return jax.lax.cond(need_row[i, j], add, lambda c: c, carry), None
+
+            init = (jnp.zeros((chunk, kh, g, d), jnp.float32), jnp.full((kh, g, chunk), neg),
+                    jnp.zeros((kh, g, chunk), jnp.float32))
+            (o, _, l), _ = jax.lax.scan(key_block, init, jnp.arange(n))
+            return (o / jnp.maximum(jnp.moveaxis(l, -1, 0), 1e-30)[..., None]).astype(dt)
+
+        return jax.lax.map(one, (q_row.reshape(n, chunk, kh, g, d), seg_row.reshape(n, chunk),
+                                 jnp.arange(n)))
+
+    out = jax.lax.map(row_fn, (qg, k, v, seg, need))                     # [B, n, C, K, G, D]
+    return out.reshape(b, t, kh, g, d)
+
+
 class Attention(nn.Module):
     cfg: DecoderConfig
     kv_window: int = 0      # see Decoder
@@ -255,7 +324,8 @@ class Attention(nn.Module):
         qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
         chunk = c.attn_chunk
         if cache is None and 0 < chunk < t and t % chunk == 0:
-            out = _chunked_attention(qg, k, v, positions, segment_ids, chunk, dt)
+            blocked = _sparse_attention if c.attn_sparse else _chunked_attention
+            out = blocked(qg, k, v, positions, segment_ids, chunk, dt)
         else:
             mask = attention_mask(positions, segment_ids, k.shape[1], cache is not None)
             out = _attend(qg, k, v, mask, dt)
