@@ -7,7 +7,8 @@ warm-started by SFT on the scripted expert's dialogues (370 steps, the shipped t
 recipe), then trained 30 steps with GRPO + TARL (per-turn credit, rule judge, offline user) on a
 synthetic retail world the project generates; pass^1 on held-out synthetic tasks is measured
 before, during and after. Arguments (`configs/tiny.py:ARG`, comma separated):
-  algo=grpo|rloo|dr_grpo|ppo   credit=trajectory|per_turn   judge=rule|none   math=0.25
+  algo=grpo|rloo|dr_grpo|ppo   credit=trajectory|per_turn|trajectory_turn (rl/advantages.py)
+                               judge=rule|none   math=0.25
   level=0|1|2                  the synthetic world's difficulty (sandbox/synth.py LEVELS; default 0)
   tune                         evaluate on the validation split (choose settings there, never on
                                the held-out test split the default reports)

@@ -37,6 +37,23 @@ statistic of the *episode-level* return G[i, 0], the same number trajectory cred
     G[i, k] = G[i, 0] for every k and per-turn advantages equal the trajectory ones (GRPO:
     up to the scale, pooled over the batch instead of per group).
 
+  - Unstable where a mistake comes early (measured at level 1 of the synthetic world, README):
+    every turn after an episode's -1 has a return-to-go near 0 against a baseline that holds
+    the -5, and when a batch's episodes all fail their returns differ only by the +5/T bits, so
+    the pooled std is ~0.1: the turns after a mistake got advantages up to +64 (gradient norm
+    17 where unit advantages give 0.75), pushing up whatever the agent did after it.
+  "trajectory_turn": the trajectory advantage of the episode on every turn, plus the turn's own
+    reward's deviation from its episode's mean turn reward, in units of `turn_scale` (the
+    judge's -1 penalty w_neg, so a -1 turn's part is about -1, a trajectory advantage's size):
+        A[i, k] = A_traj[i] + (r[i, k] - mean_j r[i, j]) / turn_scale
+    The outcome share w_out * outcome / T is the same on every turn of an episode, so the
+    deviation is the judge's alone: the -1 turn is pushed down, +1 turns up, the rest by
+    little, keeping the reward's own weights (5 against 5/T). A fixed unit, not a batch
+    statistic: standardising by the batch's spread would blow a rare -1 up again (one in 960
+    turns: -31). The turn part sums to 0 over an episode (it moves credit between turns, never
+    between episodes), as in MT-GRPO's turn-level advantage added to the outcome's (Zeng et al.,
+    2025, there normalised over the group's turns); like it, a shaping of credit, not an
+    unbiased per-turn estimator (a turn's deviation reads its episode's later turns).
 PPO uses `gae` instead: token-level rewards and critic values over the packed rows.
 """
 from __future__ import annotations
@@ -106,7 +123,7 @@ def pooled_scale(episode_returns, group_ids, eps=1e-6):
 
 
 REGISTRY: dict[str, Callable] = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo}
-CREDIT_MODES = ("trajectory", "per_turn")
+CREDIT_MODES = ("trajectory", "per_turn", "trajectory_turn")
 
 
 def get(name: str) -> Callable:
@@ -129,14 +146,22 @@ def returns_to_go(turn_rewards: jax.Array, turn_mask: jax.Array, gamma: float = 
     return jnp.where(turn_mask, g.T, 0.0)
 
 
+def turn_deviations(turn_rewards, turn_mask):
+    """Each valid turn's reward minus its episode's mean turn reward (0 on invalid turns)."""
+    m = turn_mask.astype(jnp.float32)
+    mean = (turn_rewards * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    return (turn_rewards - mean[:, None]) * m
+
+
 def compute_advantages(name: str, rewards: jax.Array, group_ids: jax.Array, *,
                        credit: str = "trajectory", turn_mask: jax.Array | None = None,
-                       gamma: float = 1.0, eps: float = 1e-6) -> jax.Array:
+                       gamma: float = 1.0, eps: float = 1e-6, turn_scale: float = 1.0) -> jax.Array:
     """rewards: [N] episode rewards, or [N, K] per-turn rewards with turn_mask [N, K].
+    turn_scale: the unit of trajectory_turn's turn part (the batch code passes reward.w_neg).
 
     Returns [N] for credit="trajectory" (per-turn rewards summed, discounted by gamma, into the
     episode return),
-    [N, K] for credit="per_turn" (0 on invalid turns).
+    [N, K] for credit="per_turn" and "trajectory_turn" (0 on invalid turns).
     """
     fn = get(name)
     rewards = jnp.asarray(rewards, jnp.float32)
@@ -144,14 +169,18 @@ def compute_advantages(name: str, rewards: jax.Array, group_ids: jax.Array, *,
     if credit not in CREDIT_MODES:
         raise ValueError(f"credit={credit!r} unknown; choose from {CREDIT_MODES}")
     if rewards.ndim == 1:
-        if credit == "per_turn":
-            raise ValueError("credit='per_turn' needs per-turn rewards [N, K] and turn_mask")
+        if credit != "trajectory":
+            raise ValueError(f"credit={credit!r} needs per-turn rewards [N, K] and turn_mask")
         return fn(rewards, rewards, group_ids, eps)
     if turn_mask is None:
         raise ValueError(f"per-turn rewards {rewards.shape} need turn_mask [N, K]")
     g = returns_to_go(rewards, turn_mask, gamma)
     if credit == "trajectory":
         return fn(g[:, 0], g[:, 0], group_ids, eps)
+    if credit == "trajectory_turn":
+        traj = fn(g[:, 0], g[:, 0], group_ids, eps)
+        turn = turn_deviations(rewards, jnp.asarray(turn_mask)) / turn_scale
+        return jnp.where(turn_mask, traj[:, None] + turn, 0.0)
     if name == "grpo":   # one scale for the batch (see the module docstring)
         adv = dr_grpo(g, g[:, 0], group_ids) / pooled_scale(g[:, 0], group_ids, eps)
         return jnp.where(turn_mask, adv, 0.0)

@@ -59,7 +59,7 @@ def build_step(model_cfg, step_cfg, optimizer, mesh, rules, keys, audio_cfg=None
 
 
 def episode_advantages(config, rewards, turn_rewards, episodes, group_ids):
-    """[N] (trajectory credit) or [N, K] (per-turn) advantages; None for PPO (the step computes
+    """[N] (trajectory credit) or [N, K] (per_turn, trajectory_turn) advantages; None for PPO (the step computes
     its own with GAE)."""
     algo, credit = config.rl.algo, config.rl.credit
     if algo == "ppo":
@@ -76,8 +76,9 @@ def episode_advantages(config, rewards, turn_rewards, episodes, group_ids):
     for i, ep in enumerate(episodes):
         mask[i, :max(len(ep.agent_turns), 1)] = True
     return np.asarray(adv_lib.compute_advantages(algo, padded, group_ids,
-                                                 credit="per_turn", turn_mask=mask,
-                                                 gamma=config.rl.gamma))[:, :k]
+                                                 credit=credit, turn_mask=mask,
+                                                 gamma=config.rl.gamma,
+                                                 turn_scale=config.reward.w_neg or 1.0))[:, :k]
 
 
 def pack_agreed(episodes, advs, seq_lens, rows, overflow, **audio) -> pack_lib.Packed:
