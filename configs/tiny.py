@@ -169,6 +169,10 @@ def get_config(arg: str | None = None):
         c.pack.seq_lens = (cache // 2, cache)
         # Level 1: 8 whole dialogues (~11k tokens) packed into 4 rows of 4096 an update.
         c.warmstart.update(seq_len=cache, batch_rows=4, dialogues=8 if level == 1 else 0)
+    if level == 1 and not args.taubench:
+        # The shipped level-1 warm start: 700 SFT steps climbed from tiny-level0 (from scratch,
+        # 500 steps never copied an id; README has the command that makes it and its cost).
+        c.warmstart.update(init="tiny-level1", steps=700)
         # Blocks of 256 queries x 256 keys, skipping the pairs causality or the packed segments
         # hide: 3.45x faster updates on 4 x 4096 rows than the full square, 1.74x than 512-query
         # groups (python -m tarl_jax.bench.attention --chunks 512,512s,256s,128s; README).

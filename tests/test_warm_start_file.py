@@ -109,6 +109,26 @@ def test_the_shipped_level_0_warm_start_is_the_default_configs_and_solves_valida
     assert ev["tasks/writes"] == 64 and 0.15 <= ev["pass^1/writes"] < 0.9
 
 
+def test_the_shipped_level_1_warm_start_climbed_from_level_0_and_solves_validation_tasks(tmp_path):
+    """tarl_jax/assets/warmstart/tiny-level1 is level 1's default start: SFT on level 1's
+    expert dialogues climbed from tiny-level0, with this config's world and SFT settings (README:
+    the command and its cost)."""
+    c = configlib.load(TINY, "level=1,tune")
+    assert c.warmstart.init == "tiny-level1"
+    c.world.val_tasks = 16     # the 16 validation tasks nearest the test split: a shorter check
+    t = trainer.Trainer(c, str(tmp_path))
+    params, meta = checkpoint.load_warm_start(t.config, t._initial_params)   # its own world
+    _, file_meta = checkpoint.load_flat(checkpoint.warm_start_path("tiny-level1"), t._initial_params)
+    assert file_meta["steps"] == c.warmstart.steps
+    assert file_meta["climbed_from"]["world"]["synth"]["level"] == 0
+    assert file_meta["warmstart"]["init"] == "tiny-level0" and file_meta["warmstart"]["climb"]
+    keys = ("lr", "schedule", "episodes", "dialogues", "seq_len", "batch_rows")
+    assert {k: file_meta["warmstart"][k] for k in keys} == {k: c.warmstart[k] for k in keys}
+    state = step_lib.init_state(params, t.optimizer, t.model_cfg, t.ppo, t.state_sh)
+    ev = t.evaluate(state)   # greedy
+    assert ev["tasks/writes"] == 16 and 1 / 16 <= ev["pass^1/writes"] < 0.9
+
+
 def test_the_demo_argument_starts_from_the_shipped_file_with_the_validated_rl_settings():
     c = configlib.load(TINY, "demo")
     assert c.warmstart.init == "tiny-level0" and checkpoint.warm_start_path("tiny-level0").exists()
