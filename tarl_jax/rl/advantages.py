@@ -175,10 +175,10 @@ def compute_advantages(name: str, rewards: jax.Array, group_ids: jax.Array, *,
     if turn_mask is None:
         raise ValueError(f"per-turn rewards {rewards.shape} need turn_mask [N, K]")
     g = returns_to_go(rewards, turn_mask, gamma)
-    if credit == "trajectory":
-        return fn(g[:, 0], g[:, 0], group_ids, eps)
-    if credit == "trajectory_turn":
+    if credit in ("trajectory", "trajectory_turn"):
         traj = fn(g[:, 0], g[:, 0], group_ids, eps)
+        if credit == "trajectory":
+            return traj
         turn = turn_deviations(rewards, jnp.asarray(turn_mask)) / turn_scale
         return jnp.where(turn_mask, traj[:, None] + turn, 0.0)
     if name == "grpo":   # one scale for the batch (see the module docstring)
