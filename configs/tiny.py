@@ -10,6 +10,8 @@ before, during and after. Arguments (`configs/tiny.py:ARG`, comma separated):
   algo=grpo|rloo|dr_grpo|ppo   credit=trajectory|per_turn|trajectory_turn (rl/advantages.py)
                                judge=rule|none   math=0.25
   level=0|1|2                  the synthetic world's difficulty (sandbox/synth.py LEVELS; default 0)
+  compact                      (level 1) tool results as synth.compact_result shows them: the
+                               ids, status, items and payment methods an agent acts on
   tune                         evaluate on the validation split (choose settings there, never on
                                the held-out test split the default reports)
   demo                         what `make demo` runs: the same RL from the shipped level-0 warm
@@ -43,7 +45,7 @@ BRIEFS = {0: ("You are a customer service agent of an online store. Confirm ever
 def get_config(arg: str | None = None):
     args = configlib.parse_arg(arg, algo="grpo", credit="", judge="rule", math=0.0,
                                runlocal=False, table=False, taubench="", level=0, tune=False,
-                               demo=False, control=False)
+                               demo=False, control=False, compact=False)
     level = int(args.level)
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -77,7 +79,11 @@ def get_config(arg: str | None = None):
                    tool_view="none" if level <= 1 and not args.taubench else "minimal",
                    reward_variant="taubench", max_steps=10,
                    # A tiny model cannot use a 600-token policy; tau-bench runs keep the policy.
-                   system_prompt=BRIEFS[level] if not args.taubench else "")
+                   system_prompt=BRIEFS[level] if not args.taubench else "",
+                   # compact: tool results as synth.compact_result shows them (ids, status,
+                   # items, payment methods; no addresses, prices or spaces): level 1's
+                   # dialogues in ~0.6k tokens instead of ~1.5k.
+                   result_view="compact" if args.compact else "full")
     c.math = dict(fraction=float(args.math), source="reasoning_gym:basic_arithmetic", size=200)
     # Batch kinds cycled by step (text | speech | math, `text*3,math` repeats); empty: every
     # round(1 / math.fraction)-th batch is math. Datasets go to data_dir (empty: <workdir>/data).
@@ -141,7 +147,8 @@ def get_config(arg: str | None = None):
                        seq_len=1024, warmup_steps=5, dialogues=8, init="", save_every=0,
                        climb=False)
 
-    if level == 0 and not args.taubench:
+    if (level == 0 or args.compact) and not args.taubench:
+        # (Level 1 with compact results takes level 0's RL settings as they are: not tuned there.)
         # The 370-step policy's samples derail at temperature 1 (validation: greedy pass^1 0.30,
         # sampled 0 of 256); at 0.3, 0.20 of samples succeed and 33% of groups disagree.
         c.rollout.temperature = 0.3
@@ -156,6 +163,7 @@ def get_config(arg: str | None = None):
         c.optim.lr = 1e-4
         c.rollout.tasks_per_step = 16
         c.pack.rows = (4, 8, 16, 32, 64)
+    if level == 0 and not args.taubench:
         # Query blocks of 128 on its 1k rows: the demo's update 1.84x faster than the full
         # square (python -m tarl_jax.bench.attention --rows 64 --seq 1024 --segment 600; README).
         c.model.attn_chunk = 128
@@ -173,6 +181,13 @@ def get_config(arg: str | None = None):
         # The shipped level-1 warm start: 700 SFT steps climbed from tiny-level0 (from scratch,
         # 500 steps never copied an id; README has the command that makes it and its cost).
         c.warmstart.update(init="tiny-level1", steps=700)
+    if args.compact:
+        if level != 1 or args.taubench:
+            raise ValueError("compact: the compact tool results are a rung of level 1's world")
+        # Compact results: expert dialogues up to 1.6k tokens (mean 0.73k), replies up to 97.
+        c.rollout.update(cache_len=2048, max_turn_tokens=128)
+        c.pack.seq_lens = (1024, 2048)
+        c.warmstart.update(seq_len=2048, init="tiny-level1c", steps=300)
         # Blocks of 256 queries x 256 keys, skipping the pairs causality or the packed segments
         # hide: 3.45x faster updates on 4 x 4096 rows than the full square, 1.74x than 512-query
         # groups (python -m tarl_jax.bench.attention --chunks 512,512s,256s,128s; README).
@@ -184,10 +199,13 @@ def get_config(arg: str | None = None):
         c.warmstart.seq_len = 8192
     if args.demo or args.table:
         # The level-0 RL settings above, from the shipped warm start (370 SFT steps) instead of
-        # making it in the run.
-        if level != 0 or args.taubench:
-            raise ValueError("demo, table: the shipped warm start is level 0's synthetic world")
-        c.warmstart.init = "tiny-level0"
+        # making it in the run; the table also runs on level 1 with compact results (its own
+        # shipped start, tiny-level1c).
+        if args.taubench or not (level == 0 or (args.table and args.compact)):
+            raise ValueError("demo, table: the shipped warm starts are level 0's synthetic "
+                             "world and (table) level 1's with compact results")
+        if level == 0:
+            c.warmstart.init = "tiny-level0"
     if args.table:
         # python -m tarl_jax.bench.table: the demo's settings (chosen on validation for per-turn
         # credit, shared by every variant) for 20 steps, 15 runs in the 3-hour budget; at the

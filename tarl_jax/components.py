@@ -135,6 +135,7 @@ class World:
     max_steps: int
     reward_variant: str
     system_prompt: str = ""     # replaces the domain policy as the agent's system prompt
+    result_view: str = "full"   # how tool results read to the agent (synth.RESULT_VIEWS)
 
     def run_one(self, task, agent, max_steps: int | None = None):
         """One episode of `agent` on `task` (a math problem, or a dialogue in a fresh database)."""
@@ -143,6 +144,7 @@ class World:
         env = Env(self.db, task)
         if self.system_prompt:
             env.policy = self.system_prompt
+        env.present = synth.RESULT_VIEWS[self.result_view]
         if task.extra.get("authenticated") and task.extra.get("lookups"):
             # A signed-in session tells the agent who the user is, as a store's would: the gold
             # path reads the user's record by id, which nothing else in the dialogue names
@@ -185,7 +187,11 @@ def build_world(config) -> World:
         db = DbWorld.from_dir(w.domain, data.path)
         splits = data.load_splits()
         train, eval_ = splits["train"], splits["test"][:w.eval_tasks]
-    return World(db, train, eval_, config.user, w.max_steps, w.reward_variant, w.system_prompt)
+    view = w.get("result_view", "full")
+    if view not in synth.RESULT_VIEWS:
+        raise ValueError(f"world.result_view={view!r}: choose from {sorted(synth.RESULT_VIEWS)}")
+    return World(db, train, eval_, config.user, w.max_steps, w.reward_variant, w.system_prompt,
+                 view)
 
 
 def tool_view(config):

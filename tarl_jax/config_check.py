@@ -62,10 +62,12 @@ def _registry(name: str):
     def check(v):
         from tarl_jax import rollout
         from tarl_jax.rl import advantages, losses, pack
+        from tarl_jax.sandbox import synth
         allowed = {"algo": (*advantages.REGISTRY, "ppo", "sft"), "credit": advantages.CREDIT_MODES,
                    "policy_loss": tuple(losses.POLICY_LOSSES),
                    "agg": ("", *losses.AGGREGATIONS), "kl_estimator": tuple(losses.KL_ESTIMATORS),
-                   "tool_view": tuple(rollout.TOOL_VIEWS), "overflow": tuple(pack.OVERFLOW_RULES)}[name]
+                   "tool_view": tuple(rollout.TOOL_VIEWS), "overflow": tuple(pack.OVERFLOW_RULES),
+                   "result_view": tuple(synth.RESULT_VIEWS)}[name]
         if v not in allowed:
             return "choose " + " | ".join(repr(a) if a == "" else a for a in allowed)
     return check
@@ -94,6 +96,7 @@ RULES = {
     "world.eval_tasks": _int_at_least(1),
     "world.max_steps": _int_at_least(1),
     "world.tool_view": _registry("tool_view"),
+    "world.result_view": _registry("result_view"),
     "user.kind": _one_of("offline", "llm"),
     "judge.kind": _one_of("rule", "llm", "none"),
     "rl.algo": _registry("algo"),

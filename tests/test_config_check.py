@@ -13,9 +13,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("arg", ["", "demo", "runlocal", "tune", "algo=ppo,credit=per_turn",
-                                 "table", "level=2", "math=0.25,judge=none"])
+                                 "table", "level=2", "math=0.25,judge=none", "level=1",
+                                 "level=1,compact", "level=1,compact,table"])
 def test_shipped_configs_pass(arg):
     assert config_check.problems(tiny.get_config(arg)) == []
+
+
+@pytest.mark.parametrize("arg", ["compact", "level=2,compact", "level=1,table", "level=1,compact,demo"])
+def test_configs_without_a_shipped_start_or_world_are_refused(arg):
+    with pytest.raises(ValueError, match="compact|shipped warm start"):
+        tiny.get_config(arg)
 
 
 def test_speech_config_passes():
@@ -28,11 +35,13 @@ def test_every_problem_is_one_line_naming_the_key(monkeypatch):
     c.mode, c.rollout.samples_per_task, c.optim.lr = "bogus", 0, -1.0
     c.rl.algo, c.rl.credit, c.pack.rows = "ppo2", "per-turn", (4, 0)
     c.world.data_dir, c.warmstart.init = "/nonexistent/taubench", "no-such-warm-start"
-    c.rollout.top_p = 0.0
+    c.rollout.top_p, c.world.result_view = 0.0, "terse"
     found = config_check.problems(c)
     by_key = {line.split("=")[0]: line for line in found}
     assert set(by_key) == {"mode", "rollout.samples_per_task", "optim.lr", "rl.algo", "rl.credit",
-                           "pack.rows", "world.data_dir", "warmstart.init", "rollout.top_p"}, found
+                           "pack.rows", "world.data_dir", "warmstart.init", "rollout.top_p",
+                           "world.result_view"}, found
+    assert "choose full | compact" in by_key["world.result_view"]
     assert "choose train | eval | serve | warmstart" in by_key["mode"]
     assert "grpo" in by_key["rl.algo"] and "ppo" in by_key["rl.algo"]
     assert "trajectory | per_turn" in by_key["rl.credit"]

@@ -224,7 +224,7 @@ def test_lower_levels_keep_the_real_tools_and_outcome(level):
         synth.generate(synth.SynthConfig(level=7))
 
 
-@pytest.mark.parametrize("level", [0, 1, 2])
+@pytest.mark.parametrize("level", ["0", "1", "1,compact", "2"])
 def test_every_argument_the_expert_passes_is_in_what_the_agent_saw_before(level):
     """A policy imitates the expert from the dialogue alone: every id or value the expert
     passes to a tool is written earlier in the agent's context (system prompt, user turns,
@@ -236,10 +236,11 @@ def test_every_argument_the_expert_passes_is_in_what_the_agent_saw_before(level)
     c.world.synth.update(num_tasks=60)
     c.world.update(eval_tasks=5, val_tasks=5)
     world = components.build_world(c)
-    unseen = []
+    unseen, results = [], []
     for task in world.train[:40]:
         ep = world.run_one(task, synth.ExpertAgent(task), 30)
         assert ep.reward == 1.0, task.task_id
+        results += [m["content"] for m in ep.messages if m["role"] == "tool"]
         for k, m in enumerate(ep.messages):
             seen = " ".join(str(p.get("content") or "") for p in ep.messages[:k])
             for call in m.get("tool_calls") or ():
@@ -249,3 +250,44 @@ def test_every_argument_the_expert_passes_is_in_what_the_agent_saw_before(level)
                         if isinstance(v, str) and v not in seen:
                             unseen.append((task.task_id, call["function"]["name"], name, v))
     assert not unseen, unseen[:5]
+    # (the compact world did show compact records: no prices, no addresses)
+    assert any('"price"' in r for r in results) == ("compact" not in level)
+
+
+def test_compact_results_show_the_same_records_shorter():
+    """world.result_view=compact changes only what the agent reads: the expert makes the same
+    calls with the same arguments, reaches the same database, and each result it read is
+    compact_result of the full one, keeping every id (order, items, payment methods, orders)."""
+    from tarl_jax import components, configlib
+
+    worlds = {}
+    for arg in ("level=1", "level=1,compact"):
+        c = configlib.load("configs/tiny.py", arg)
+        c.world.synth.update(num_tasks=40)
+        c.world.update(eval_tasks=4, val_tasks=4)
+        worlds[arg] = components.build_world(c)
+    full, compact = worlds["level=1"], worlds["level=1,compact"]
+    chars = {"full": 0, "compact": 0}
+    for task in full.train[:20]:
+        a = full.run_one(task, synth.ExpertAgent(task), 30)
+        b = compact.run_one(task, synth.ExpertAgent(task), 30)
+        assert a.reward == b.reward == 1.0
+        calls = [[(c["function"]["name"], c["function"]["arguments"])
+                  for m in ep.messages for c in m.get("tool_calls") or ()] for ep in (a, b)]
+        assert calls[0] == calls[1]
+        tools = [[m["content"] for m in ep.messages if m["role"] == "tool"] for ep in (a, b)]
+        assert [synth.compact_result(r) for r in tools[0]] == tools[1]
+        for long, short in zip(*tools):
+            f, c = json.loads(long), json.loads(short)
+            assert {k: f[k] for k in ("order_id", "status", "orders") if k in f} == \
+                   {k: c[k] for k in ("order_id", "status", "orders") if k in c}
+            assert [(i["item_id"], i["name"]) for i in f.get("items", [])] == \
+                   [(i["item_id"], i["name"]) for i in c.get("items", [])]
+            assert [p["payment_method_id"] for p in f.get("payment_history", [])
+                    if p["transaction_type"] == "payment"] == c.get("paid_with", [])
+            assert set(f.get("payment_methods", {})) == set(c.get("payment_methods", {}))
+            chars["full"] += len(long)
+            chars["compact"] += len(short)
+    assert chars["compact"] < 0.5 * chars["full"], chars
+    for text in ("Error: order not found", "", "done", "[1, 2]"):
+        assert synth.compact_result(text) == text

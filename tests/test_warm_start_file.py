@@ -129,6 +129,34 @@ def test_the_shipped_level_1_warm_start_climbed_from_level_0_and_solves_validati
     assert ev["tasks/writes"] == 16 and 1 / 16 <= ev["pass^1/writes"] < 0.9
 
 
+def test_the_shipped_compact_level_1_warm_start_climbed_from_level_1_and_solves_validation_tasks(
+        tmp_path):
+    """tarl_jax/assets/warmstart/tiny-level1c is the start of level 1 with compact tool results
+    (`level=1,compact`, the table's harder level): SFT on that world's expert dialogues climbed
+    from tiny-level1 (full results), with this config's world and SFT settings (README: the
+    command and its cost). A run with full results refuses it."""
+    c = configlib.load(TINY, "level=1,compact,tune")
+    assert c.warmstart.init == "tiny-level1c" and c.world.result_view == "compact"
+    c.world.val_tasks = 16
+    t = trainer.Trainer(c, str(tmp_path))
+    params, meta = checkpoint.load_warm_start(t.config, t._initial_params)   # its own world
+    _, file_meta = checkpoint.load_flat(checkpoint.warm_start_path("tiny-level1c"), t._initial_params)
+    assert file_meta["steps"] == c.warmstart.steps
+    assert file_meta["world"]["result_view"] == "compact"
+    below = file_meta["climbed_from"]["world"]
+    assert below["synth"]["level"] == 1 and "result_view" not in below   # full results
+    assert file_meta["warmstart"]["init"] == "tiny-level1" and file_meta["warmstart"]["climb"]
+    keys = ("lr", "schedule", "episodes", "dialogues", "seq_len", "batch_rows")
+    assert {k: file_meta["warmstart"][k] for k in keys} == {k: c.warmstart[k] for k in keys}
+    full = configlib.load(TINY, "level=1,tune")
+    full.warmstart.init = "tiny-level1c"
+    with pytest.raises(ValueError, match="result_view"):
+        checkpoint.load_warm_start(full, t._initial_params)
+    state = step_lib.init_state(params, t.optimizer, t.model_cfg, t.ppo, t.state_sh)
+    ev = t.evaluate(state)   # greedy
+    assert ev["tasks/writes"] == 16 and 1 / 16 <= ev["pass^1/writes"] < 0.9
+
+
 def test_the_demo_argument_starts_from_the_shipped_file_with_the_validated_rl_settings():
     c = configlib.load(TINY, "demo")
     assert c.warmstart.init == "tiny-level0" and checkpoint.warm_start_path("tiny-level0").exists()

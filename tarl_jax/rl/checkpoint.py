@@ -246,9 +246,12 @@ def warm_start_provenance(config) -> dict:
     """What a saved warm start depends on: a run may only start from one made for its own
     model, world, prompt and tool view."""
     m, w = config.model, config.world
+    world = {k: w[k] for k in ("source", "data_dir", "domain", "tool_view", "system_prompt")}
+    # (Recorded only where not the default: files made before the option still match.)
+    view = w.get("result_view", "full")
     return {"model": {k: m[k] for k in ("preset", "hf_dir", "gguf", "tokenizer")},
-            "world": {k: w[k] for k in ("source", "data_dir", "domain", "tool_view",
-                                        "system_prompt")} | {"synth": dict(w.synth)}}
+            "world": world | ({"result_view": view} if view != "full" else {})
+                     | {"synth": dict(w.synth)}}
 
 
 def warm_start_path(name) -> pathlib.Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Callable
 
 from tarl_jax.sandbox import reward as rw
 from tarl_jax.sandbox.db import World
@@ -52,6 +52,8 @@ class Env:
         self.db = world.fork()
         self.tools: list[dict] = self.spec.schemas
         self.policy: str = world.policy
+        # What the agent reads of a tool's answer (synth.RESULT_VIEWS); None: the answer itself.
+        self.present: Callable[[str], str] | None = None
         self.done = False
         self.calls: list[Call] = []
 
@@ -84,7 +86,8 @@ class Env:
         """The tool's answer as a string ("" where tau-bench's is None: `send_certificate` for
         a user who already holds its three certificate ids)."""
         out = self.execute(name, arguments)
-        return "" if out is None else out
+        out = "" if out is None else out
+        return self.present(out) if self.present else out
 
     def written_calls(self) -> list[str]:
         """Canonical strings of the write calls that took effect."""

@@ -798,6 +798,41 @@ def labels(messages: list[dict]) -> dict[str, str]:
     return names
 
 
+def compact_result(text: str) -> str:
+    """A retail record as the lower rungs of the ladder show it: what an agent acts on (ids,
+    status, item names, payment methods and their kind), without the rest (options, addresses,
+    emails, prices, card brands, fulfilments, amounts). The expert then names items and cards by
+    id (`labels` finds no options or last four digits), so what it says can be copied from the
+    dialogue. Anything else (errors, plain text) passes as is."""
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return text
+    if not isinstance(obj, dict):
+        return text
+    out = {k: obj[k] for k in ("order_id", "status") if k in obj}
+    if isinstance(obj.get("items"), list):
+        out["items"] = [{k: i[k] for k in ("item_id", "name") if k in i}
+                        for i in obj["items"] if isinstance(i, dict)]
+    if isinstance(obj.get("payment_history"), list):
+        out["paid_with"] = [p.get("payment_method_id") for p in obj["payment_history"]
+                            if isinstance(p, dict) and p.get("transaction_type") == "payment"]
+    if isinstance(obj.get("payment_methods"), dict):
+        out["payment_methods"] = {
+            pm_id: {k: pm[k] for k in ("source",) if k in pm}
+            for pm_id, pm in obj["payment_methods"].items() if isinstance(pm, dict)}
+    if isinstance(obj.get("orders"), list):
+        out["orders"] = obj["orders"]
+    if not out:   # not an order or a user: unchanged
+        return text
+    return json.dumps(out)
+
+
+# How tool results read to the agent (world.result_view); the database and tau-bench's
+# observations are the same either way, only the text the agent (and the transcript) gets differs.
+RESULT_VIEWS = {"full": None, "compact": compact_result}
+
+
 AFFIRMATIVE = re.compile(r"\b(yes|yeah|yep|sure|confirm|confirmed|go ahead|proceed|please do|"
                          r"correct|ok|okay)\b")
 NEGATIVE = re.compile(r"\b(no|don't|do not|wait)\b")
