@@ -50,7 +50,7 @@ LOGPROB_MODES = ("tempered", "raw")
 
 
 class DecodeState(NamedTuple):
-    cache: dict           # {"k", "v": [L, B, S, Hkv, D]}
+    cache: dict           # {"k": [L, B, Hkv, D, S], "v": [L, B, Hkv, S, D]} (qwen.init_cache)
     length: jax.Array     # [B] int32: tokens held == position of the next token
     hidden: jax.Array     # [B, D]: final hidden state of each row's last token
 
@@ -126,7 +126,7 @@ def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, to
     top_logprobs k > 0: also the k likeliest tokens of each step and their log-probs (the same
     distribution), [B, steps, k] each, as a sixth and seventh output. draw=False: every row is
     greedy (see sample_logits)."""
-    batch, cache_len = state.length.shape[0], state.cache["k"].shape[2]
+    batch, cache_len = state.length.shape[0], qwen.cache_length(state.cache)
     # One key per row when given (a row's samples then do not depend on the batch it is in).
     row_keys = rng if rng.ndim == 1 else jax.random.split(rng, batch)
     reason = jnp.where(max_new <= 0, LENGTH,
@@ -247,8 +247,11 @@ class Sampler:
         from tarl_jax import sharding
         rules = sharding.DEFAULT_RULES if self.rules is None else self.rules
         row = sharding.spec(self.mesh, "batch", rules=rules)
-        state = DecodeState({"k": sharding.spec(self.mesh, *qwen.CACHE_AXES, rules=rules),
-                             "v": sharding.spec(self.mesh, *qwen.CACHE_AXES, rules=rules)},
+        cache = {kv: sharding.spec(self.mesh, *axes, rules=rules)
+                 for kv, axes in qwen.CACHE_AXES.items()}
+        if not self.cfg.scan_layers:   # one array per layer (qwen.init_cache)
+            cache = {kv: (spec,) * self.cfg.num_layers for kv, spec in cache.items()}
+        state = DecodeState(cache,
                             row, sharding.spec(self.mesh, "batch", "embed", rules=rules))
         params = sharding.logical_sharding(qwen.logical_axes(self.cfg), self.mesh, rules)
         return params, state

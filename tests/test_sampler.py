@@ -214,12 +214,13 @@ for n in (1, 2):
     state, first = s.decode(state, max_new_tokens=12, temperature=1.0, seed=3)
     state = s.append(state, [[11, 12], [], [13] * 20])          # a turn appended to live rows
     state, second = s.decode(state, max_new_tokens=12, temperature=0.7, top_p=0.9, seed=4)
-    spec = state.cache["k"].sharding.spec
+    cache_k = jax.tree.leaves(state.cache["k"])[0]
+    spec = cache_k.sharding.spec
     wq = s.params["layers_0"]["attn"]["q"]
     print("n", n, "cache spec", spec, "q devices", len(wq.sharding.device_set))
-    assert len(wq.sharding.device_set) == n and len(state.cache["k"].sharding.device_set) == n
+    assert len(wq.sharding.device_set) == n and len(cache_k.sharding.device_set) == n
     if n == 2:
-        assert spec[3] == "tensor", spec                        # KV heads cut over the chips
+        assert spec[2] == "tensor", spec                        # KV heads cut over the chips
     runs.append([(c.tokens, c.logprobs) for c in first + second])
 for (t1, l1), (t2, l2) in zip(*runs):
     assert t1 == t2, (t1, t2)
@@ -243,7 +244,9 @@ def test_cache_is_updated_in_place(scan):
     lies. Taking a layer's slice out of the [L, B, S, Hkv, D] cache and setting it back (the code
     before) made XLA copy whole layer caches every step: 4.2 (7.4 under nn.scan) layer caches of
     scratch memory per decode program against 2.2 (2.5) now, the two being the attention's own
-    reads of K and V, and decode 2.0x slower at batch 64 (README, Benchmarks)."""
+    reads of K and V, and decode 2.0x slower at batch 64 (README, Benchmarks). Unscanned layers
+    now hold one cache array each, so not even those reads copy: 0.8 layer caches (session 13;
+    2.2 with the stacked cache, whose layer slices XLA:CPU copied out for the attention)."""
     import dataclasses
     from tarl_jax.models import presets
     cfg = dataclasses.replace(presets.PRESETS["tiny"], scan_layers=scan)
@@ -259,5 +262,5 @@ def test_cache_is_updated_in_place(scan):
         row, -1, None, np.zeros(batch, np.int32), steps=16, truncate=False).compile()
     append = sampler_lib._append_jit.lower(model, params, state, np.zeros((batch, 16), np.int32),
                                            np.full(batch, 16, np.int32), None).compile()
-    assert decode.memory_analysis().temp_size_in_bytes < 3 * layer_cache
+    assert decode.memory_analysis().temp_size_in_bytes < (3 if scan else 1) * layer_cache
     assert append.memory_analysis().temp_size_in_bytes < 6 * layer_cache

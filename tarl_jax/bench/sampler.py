@@ -17,6 +17,10 @@ Episode: a --system token prompt, then --turns times: decode --reply tokens, app
 "re-encode" starts a fresh cache from the whole history every turn (what a stateless
 OpenAI-style server does). Both use the same Sampler, cache size and greedy tokens.
 
+Rollout round (--rollout_rows, 0 skips it): rows of ~--rollout_context tokens in a 2048-slot
+cache, one 96-token turn appended and 128 tokens decoded: level 1's rollouts, seconds to append
+and milliseconds a decode step.
+
 Long cache: the same episode in a --long_cache slot cache (rollout configs size the cache for the
 longest dialogue: 8k for tiny_speech and tau-bench), with the sampler's power-of-two kv window
 vs a sampler that always attends to every slot.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -85,6 +90,9 @@ def main(argv=None):
     ap.add_argument("--episode_batch", type=int, default=4)
     ap.add_argument("--long_cache", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rollout_rows", type=int, default=64,
+                    help="a rollout-shaped round (0: skip): rows, each ~--rollout_context tokens")
+    ap.add_argument("--rollout_context", type=int, default=900)
     ap.add_argument("--no-limits", dest="limits", action="store_false",
                     help="skip measuring this machine's memory bandwidth (bench.limits)")
     args = ap.parse_args(argv)
@@ -139,6 +147,32 @@ def main(argv=None):
     print(f"\nthe same episode in a {args.long_cache}-slot cache (append)")
     side_by_side({"kv window": run(windowed, False), "whole cache": run(long, False)},
                  "faster with the window", args.repeats)
+    if args.rollout_rows:
+        rollout_round(cfg, params, args.rollout_rows, args.rollout_context, args.repeats, rng)
+
+
+def rollout_round(cfg, params, rows: int, context: int, repeats: int, rng) -> None:
+    """One round of a rollout as level 1 (compact results) runs it: `rows` histories of about
+    `context` tokens in a 2048-slot cache, a 96-token turn appended to each, then 128 greedy
+    tokens decoded (no stop token)."""
+    sampler = Sampler(cfg, params, cache_len=2048)
+    lengths = context + rng.randint(-context // 4, context // 4 + 1, rows)
+    histories = [rng.randint(0, cfg.vocab_size, n).tolist() for n in lengths]
+    turn = rng.randint(0, cfg.vocab_size, (rows, 96)).tolist()
+    times = {"prefill": [], "decode": []}
+    for _ in range(repeats + 1):   # the first compiles
+        state = sampler.start(histories)
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        state = sampler.append(state, turn)
+        jax.block_until_ready(state)
+        t1 = time.perf_counter()
+        sampler.decode(state, max_new_tokens=128, temperature=0.0)
+        times["prefill"].append(t1 - t0)
+        times["decode"].append(time.perf_counter() - t1)
+    print(f"\nrollout round: {rows} rows of ~{context} tokens in a 2048-slot cache: append 96 "
+          f"tokens a row {min(times['prefill'][1:]):.3f} s, decode 128 steps "
+          f"{min(times['decode'][1:]) / 128 * 1e3:.2f} ms a step (best of {repeats})")
 
 
 def side_by_side(runs: dict, claim: str, repeats: int) -> None:
