@@ -18,6 +18,7 @@ before, during and after. Arguments (`configs/tiny.py:ARG`, comma separated):
                                start (tiny-level0) instead of making it in the run
   runlocal                     an even smaller run (a minute; used by tests)
   table                        `python -m tarl_jax.bench.table`'s runs: demo's settings, 20 steps, pass^4
+                               (level 0, or level=1,compact from its shipped start)
   control                      SFT in place of RL (rl.algo=sft), the table's control
   taubench=DIR                 real tau-bench retail train/test tasks from DIR (../shared/taubench)
 """
