@@ -82,8 +82,8 @@ def get_config(arg: str | None = None):
                    # A tiny model cannot use a 600-token policy; tau-bench runs keep the policy.
                    system_prompt=BRIEFS[level] if not args.taubench else "",
                    # compact: tool results as synth.compact_result shows them (ids, status,
-                   # items, payment methods; no addresses, prices or spaces): level 1's
-                   # dialogues in ~0.6k tokens instead of ~1.5k.
+                   # items, payment methods; no addresses, prices or options): level 1's
+                   # expert dialogues in ~0.73k tokens instead of ~1.5k.
                    result_view="compact" if args.compact else "full")
     c.math = dict(fraction=float(args.math), source="reasoning_gym:basic_arithmetic", size=200)
     # Batch kinds cycled by step (text | speech | math, `text*3,math` repeats); empty: every

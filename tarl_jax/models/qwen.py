@@ -182,8 +182,8 @@ def _attend_cached(qg, k, v, positions, dt):
     q = jnp.transpose(qg, (0, 2, 1, 3, 4)).reshape(b, kv, t * g, d)
     scores = jnp.matmul(q, k).astype(jnp.float32).reshape(b, kv, t, g, s)
     scores = scores / jnp.sqrt(jnp.float32(d))
-    visible = jnp.arange(s)[None, None, :] <= positions[:, :, None]           # [B, T, S]
-    scores = jnp.where(visible[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
+    visible = jnp.swapaxes(attention_mask(positions, None, s, True), 2, 3)   # [B, 1, T, 1, S]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kv, t * g, s)
     out = jnp.matmul(probs, v).reshape(b, kv, t, g, d)
     return jnp.transpose(out, (0, 2, 1, 3, 4))
