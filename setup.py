@@ -50,7 +50,7 @@ setup(
     ],
     extras_require={
         # torch is the numerical reference only; pinned because an unpinned torch pulls a CUDA build.
-        "test": ["pytest>=8", "hypothesis>=6", "torch==2.13.0", "jsonschema>=4.20",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "torch==2.13.0", "jsonschema>=4.20",
                  # the Colab notebooks are executed by the suite
                  "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
     },

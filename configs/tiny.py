@@ -149,7 +149,8 @@ def get_config(arg: str | None = None):
                        climb=False)
 
     if (level == 0 or args.compact) and not args.taubench:
-        # (Level 1 with compact results takes level 0's RL settings as they are: not tuned there.)
+        # (Level 1 with compact results takes level 0's RL settings as they are: not tuned there,
+        # since its start solves cancellations only and RL has no other kind to compare on; README.)
         # The 370-step policy's samples derail at temperature 1 (validation: greedy pass^1 0.30,
         # sampled 0 of 256); at 0.3, 0.20 of samples succeed and 33% of groups disagree.
         c.rollout.temperature = 0.3

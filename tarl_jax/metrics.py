@@ -75,11 +75,13 @@ def progress(it, desc: str, **kw):
     return tqdm(it, desc=desc, disable=jax.process_index() != 0, dynamic_ncols=True, **kw)
 
 
-def eval_figures(trials: dict[str, list[float]], writes: set) -> dict:
+def eval_figures(trials: dict[str, list[float]], writes: set, kinds: dict | None = None) -> dict:
     """An evaluation's figures from {task id: [reward per sample]}: pass^1 over all tasks and
     per task; the headline counts tasks that need a write (`writes`), while tasks where doing
     nothing is right (answer a question, decline) get their own line: an agent that does
-    nothing passes those."""
+    nothing passes those. `kinds` ({task id: request kind}, e.g. the gold writes' tool names)
+    adds pass^1 per kind: a mean over kinds hides a policy that solves one kind and no other,
+    where RL has nothing to compare on the rest."""
     out = {"pass^1": sandbox_reward.pass_hat_k(trials, 1),
            "per_task": {t: float(np.mean([sandbox_reward.is_success(r) for r in rs]))
                         for t, rs in trials.items()},
@@ -89,7 +91,17 @@ def eval_figures(trials: dict[str, list[float]], writes: set) -> dict:
         if part:
             out[f"pass^1/{name}"] = sandbox_reward.pass_hat_k(part, 1)
             out[f"tasks/{name}"] = len(part)
+    for kind in sorted({kinds[t] for t in trials if t in kinds} if kinds else ()):
+        part = {t: rs for t, rs in trials.items() if kinds.get(t) == kind}
+        out[f"pass^1/kind/{kind}"] = sandbox_reward.pass_hat_k(part, 1)
+        out[f"tasks/kind/{kind}"] = len(part)
     return out
+
+
+def request_kind(writes: list) -> str:
+    """A task's request kind: its gold writes' tool names ("+" between distinct ones), or
+    "none" where doing nothing is right."""
+    return "+".join(dict.fromkeys(a.name for a in writes)) or "none"
 
 
 def sampled_figures(sampled: dict[str, list[float]], writes: set, k: int) -> dict:
@@ -135,6 +147,11 @@ def summary(meta: dict, workdir: pathlib.Path, split: str = "held-out") -> str:
             lines.append(f"paired difference: {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
                          f"(95% paired t over {d['n']} tasks; {d['improved']} improved, "
                          f"{d['worsened']} worsened)")
+        kinds = sorted(k[len("pass^1/kind/"):] for k in last if k.startswith("pass^1/kind/"))
+        if len(kinds) > 1 and all(f"pass^1/kind/{k}" in first for k in kinds):
+            lines.append("by request kind: " + ", ".join(
+                f"{k} ({last[f'tasks/kind/{k}']}) {first[f'pass^1/kind/{k}']:.2f} -> "
+                f"{last[f'pass^1/kind/{k}']:.2f}" for k in kinds))
         if "pass^1/no_write" in last:
             lines.append(f"tasks where doing nothing is right ({last['tasks/no_write']}): "
                          f"{first['pass^1/no_write']:.3f} -> {last['pass^1/no_write']:.3f}")

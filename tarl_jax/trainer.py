@@ -275,9 +275,11 @@ class Trainer:
 
     def _evaluate(self, state, speech: bool, final: bool = False) -> dict:
         r = self.config.rollout
-        writes = {t.task_id for t in self.world.eval if domains.gold_writes(t)}
+        gold = {t.task_id: domains.gold_writes(t) for t in self.world.eval}
+        writes = {t for t, w in gold.items() if w}
         trials, turns = self._eval_trials(state, r.eval_samples, r.eval_temperature, 1, speech)
-        out = metrics_lib.eval_figures(trials, writes)
+        out = metrics_lib.eval_figures(
+            trials, writes, {t: metrics_lib.request_kind(w) for t, w in gold.items()})
         out["eval_turns"] = float(np.mean(turns))
         k = r.get("final_samples", 0) if final else 0
         if k and writes:
