@@ -263,7 +263,7 @@ def test_compact_results_show_the_same_records_shorter():
     worlds = {}
     for arg in ("level=1", "level=1,compact"):
         c = configlib.load("configs/tiny.py", arg)
-        c.world.synth.update(num_tasks=40)
+        c.world.synth.update(num_tasks=40, num_orders=1000, num_users=200)   # one database
         c.world.update(eval_tasks=4, val_tasks=4)
         worlds[arg] = components.build_world(c)
     full, compact = worlds["level=1"], worlds["level=1,compact"]
