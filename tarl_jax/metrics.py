@@ -86,15 +86,15 @@ def eval_figures(trials: dict[str, list[float]], writes: set, kinds: dict | None
            "per_task": {t: float(np.mean([sandbox_reward.is_success(r) for r in rs]))
                         for t, rs in trials.items()},
            "write_tasks": sorted(writes & set(trials))}
-    for name, keep in (("writes", lambda t: t in writes), ("no_write", lambda t: t not in writes)):
+    kinds = kinds or {}
+    parts = [("writes", lambda t: t in writes), ("no_write", lambda t: t not in writes)]
+    parts += [(f"kind/{k}", lambda t, k=k: kinds.get(t) == k)
+              for k in sorted({kinds[t] for t in trials if t in kinds})]
+    for name, keep in parts:
         part = {t: rs for t, rs in trials.items() if keep(t)}
         if part:
             out[f"pass^1/{name}"] = sandbox_reward.pass_hat_k(part, 1)
             out[f"tasks/{name}"] = len(part)
-    for kind in sorted({kinds[t] for t in trials if t in kinds} if kinds else ()):
-        part = {t: rs for t, rs in trials.items() if kinds.get(t) == kind}
-        out[f"pass^1/kind/{kind}"] = sandbox_reward.pass_hat_k(part, 1)
-        out[f"tasks/kind/{kind}"] = len(part)
     return out
 
 

@@ -278,8 +278,9 @@ class Trainer:
         gold = {t.task_id: domains.gold_writes(t) for t in self.world.eval}
         writes = {t for t, w in gold.items() if w}
         trials, turns = self._eval_trials(state, r.eval_samples, r.eval_temperature, 1, speech)
+        # Kinds of the write tasks only: the no-write ones already have their own figures.
         out = metrics_lib.eval_figures(
-            trials, writes, {t: metrics_lib.request_kind(w) for t, w in gold.items()})
+            trials, writes, {t: metrics_lib.request_kind(w) for t, w in gold.items() if w})
         out["eval_turns"] = float(np.mean(turns))
         k = r.get("final_samples", 0) if final else 0
         if k and writes:
