@@ -1,7 +1,8 @@
 """The table driver (tarl_jax/bench/table.py): its aggregation over fake finished runs checked
 against numpy, the commands it runs, the control's wall-time budget, resuming."""
 import json
-import subprocess
+import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -137,27 +138,46 @@ def test_commands_start_each_seed_then_its_arms_control_last(tmp_path):
     assert table.with_args("configs/tiny.py", "judge=none") == "configs/tiny.py:judge=none"
 
 
-def test_run_all_gives_the_control_the_rl_arms_time_and_resumes(tmp_path, monkeypatch):
+class _Done:
+    """What the fakes return in place of a Popen: it finishes (runs `work`) when first polled,
+    so the driver sees it running until its next round."""
+    def __init__(self, rc, work=lambda: None):
+        self.returncode, self.work = None, (rc, work)
+
+    def poll(self):
+        if self.returncode is None:
+            rc, work = self.work
+            work()
+            self.returncode = rc
+        return self.returncode
+
+
+def _fake_main(seen, cpus_seen=None):
     """A fake tarl_jax.main: each run writes a finished workdir; its step times are known."""
-    out, seen = tmp_path / "out", []
-
-    def fake_main(cmd, stdout, stderr):
-        wd = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
+    def run(cmd, stdout, stderr, preexec_fn):
+        wd = pathlib.Path(next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir=")))
         seen.append(cmd)
-        from pathlib import Path
-        wd = Path(wd)
-        if wd.parent.name == "start":
-            (wd / "checkpoints" / "0").mkdir(parents=True)
-        else:
+        if cpus_seen is not None:
+            cpus_seen.append(preexec_fn)
+        if wd.parent.name != "start":
             assert (wd / "checkpoints" / "0").is_dir()    # the start's checkpoint, copied
-        step_s = 10.0 * (1 + [n for n, _, _ in table.ARMS].index(wd.parent.name)) \
-            if wd.parent.name != "start" else 1.0
-        (wd / "metrics.jsonl").write_text(
-            "".join(json.dumps({"step": i, "time/step_s": step_s + i}) + "\n" for i in (1, 2)))
-        (wd / "summary.json").write_text("{}")
-        return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(table.subprocess, "run", fake_main)
+        def work():
+            if wd.parent.name == "start":
+                (wd / "checkpoints" / "0").mkdir(parents=True)
+            step_s = 10.0 * (1 + [n for n, _, _ in table.ARMS].index(wd.parent.name)) \
+                if wd.parent.name != "start" else 1.0
+            (wd / "metrics.jsonl").write_text(
+                "".join(json.dumps({"step": i, "time/step_s": step_s + i}) + "\n" for i in (1, 2)))
+            (wd / "summary.json").write_text("{}")
+        return _Done(0, work)
+    return run
+
+
+def test_run_all_gives_the_control_the_rl_arms_time_and_resumes(tmp_path, monkeypatch):
+    out, seen = tmp_path / "out", []
+    monkeypatch.setattr(table.time, "sleep", lambda s: None)
+    monkeypatch.setattr(table.subprocess, "Popen", _fake_main(seen))
     table.run_all("configs/tiny.py:table", out, 1, [], dry=False)
     assert len(seen) == 1 + len(table.ARMS)
     # RL arms: 10, 20, 30, 40 (+1.5 each, the mean of steps 1 and 2) -> 26.5 s a step.
@@ -170,7 +190,26 @@ def test_run_all_gives_the_control_the_rl_arms_time_and_resumes(tmp_path, monkey
     assert seen == []     # every run finished: nothing reruns
 
     (out / "sft" / "seed=0" / "summary.json").unlink()
-    monkeypatch.setattr(table.subprocess, "run",
-                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 3))
+    monkeypatch.setattr(table.subprocess, "Popen", lambda cmd, **kw: _Done(3))
     with pytest.raises(SystemExit, match="failed \\(3\\).*sft/seed=0/log.txt"):
         table.run_all("configs/tiny.py:table", out, 1, [], dry=False)
+
+
+def test_run_all_jobs_keep_each_seed_in_order_on_their_own_cores(tmp_path, monkeypatch):
+    """Two jobs: each run pinned (a preexec function), a seed's arms after its start and its
+    control after its RL arms, whatever order the jobs finish in."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 cpus")
+    out, seen, pins = tmp_path / "out", [], []
+    monkeypatch.setattr(table.time, "sleep", lambda s: None)
+    monkeypatch.setattr(table.subprocess, "Popen", _fake_main(seen, pins))
+    table.run_all("configs/tiny.py:table", out, 2, [], dry=False, jobs=2)
+    order = [next(a.split("=", 1)[1] for a in c if a.startswith("--workdir=")) for c in seen]
+    assert sorted(order) == sorted(str(w) for w, _ in table.commands("configs/tiny.py:table", out, 2, []))
+    for seed in ("seed=0", "seed=1"):
+        pos = {pathlib.Path(w).parent.name: i for i, w in enumerate(order) if w.endswith(seed)}
+        assert all(pos["start"] < pos[n] for n, _, _ in table.ARMS)
+        assert all(pos[n] < pos[table.CONTROL] for n, _, _ in table.ARMS if n != table.CONTROL)
+    assert all(callable(p) for p in pins)
+    with pytest.raises(ValueError, match="--jobs=99"):
+        table.run_all("configs/tiny.py:table", tmp_path / "x", 1, [], dry=False, jobs=99)

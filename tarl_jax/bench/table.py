@@ -10,7 +10,8 @@ pass^1, and 4 samples per task: pass^1 / pass^4 at the training temperature) and
 step-0 checkpoint every arm of the seed copies into OUT/<arm>/seed=S, so all arms start from one
 policy and share its evaluation (a paired comparison). The RL arms run next; the control last,
 SFT on the expert's dialogues (the warm start continued) for the RL arms' mean seconds per step
-at every step, so its curve is on the same wall-time axis. Runs go one after another; a finished
+at every step, so its curve is on the same wall-time axis. Runs go one after another (`--jobs=N`:
+N at a time, each pinned to its share of the cores, a run as soon as those it needs end); a finished
 run (summary.json) is skipped and an interrupted one resumes from its latest checkpoint, so
 re-running the command finishes a table. Arguments after the known ones (e.g.
 `--config.rollout.temperature=0.7`) go to every run.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -82,33 +84,86 @@ def seconds_per_step(out: pathlib.Path, seed: int) -> float:
     return float(np.mean(times))
 
 
-def run_all(config: str, out: pathlib.Path, seeds: int, extra: list[str], dry: bool) -> None:
-    for workdir, cmd in commands(config, out, seeds, extra):
-        seed = int(workdir.name.split("=", 1)[1])
-        if dry:
+def _ready(out: pathlib.Path, workdir: pathlib.Path) -> bool:
+    """A seed's arms wait for its start; its control for its RL arms (whose step times it takes)."""
+    seed = workdir.name
+    if workdir.parent.name == "start":
+        return True
+    if workdir.parent.name != CONTROL:
+        return (out / "start" / seed / "summary.json").exists()
+    return all((out / name / seed / "summary.json").exists() for name, _, _ in ARMS if name != CONTROL)
+
+
+def _launch(out: pathlib.Path, workdir: pathlib.Path, cmd: list[str], cpus) -> tuple:
+    seed = int(workdir.name.split("=", 1)[1])
+    start = out / "start" / f"seed={seed}"
+    if workdir != start and not (workdir / "checkpoints").exists():
+        shutil.copytree(start / "checkpoints", workdir / "checkpoints")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.parent.name == CONTROL:
+        budget = workdir / BUDGET_FILE
+        if not budget.exists():
+            budget.write_text(json.dumps({"sft_seconds": seconds_per_step(out, seed)}))
+        cmd = [*cmd, f"--config.rl.sft_seconds={json.loads(budget.read_text())['sft_seconds']}"]
+    print(f"running {workdir}" + (f" on cpus {sorted(cpus)}" if cpus else ""), flush=True)
+    log = open(workdir / "log.txt", "a")
+    # Each job on its own cores: two runs of one core each do ~1.3x the work of one run of two
+    # here (XLA's CPU threads scale poorly on this model's small ops).
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
+    return workdir, cmd, proc, time.time(), log
+
+
+def run_all(config: str, out: pathlib.Path, seeds: int, extra: list[str], dry: bool,
+            jobs: int = 1) -> None:
+    """Runs the table's runs, `jobs` at a time (each on its share of this process's cores),
+    each as soon as what it depends on has finished; a failed run stops new launches and, once
+    the running ones end, the driver."""
+    runs = commands(config, out, seeds, extra)
+    if dry:
+        for _, cmd in runs:
             print(" ".join(cmd))
-            continue
+        return
+    pending = []
+    for workdir, cmd in runs:
         if (workdir / "summary.json").exists():
             print(f"done already: {workdir}")
-            continue
-        start = out / "start" / f"seed={seed}"
-        if workdir != start and not (workdir / "checkpoints").exists():
-            shutil.copytree(start / "checkpoints", workdir / "checkpoints")
-        workdir.mkdir(parents=True, exist_ok=True)
-        if workdir.parent.name == CONTROL:
-            budget = workdir / BUDGET_FILE
-            if not budget.exists():
-                budget.write_text(json.dumps({"sft_seconds": seconds_per_step(out, seed)}))
-            cmd = [*cmd, f"--config.rl.sft_seconds={json.loads(budget.read_text())['sft_seconds']}"]
-        print(f"running {workdir}", flush=True)
-        t0 = time.time()
-        with open(workdir / "log.txt", "a") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-        if rc:
-            raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {workdir / 'log.txt'}")
-        prev = json.loads((workdir / WALL_FILE).read_text()) if (workdir / WALL_FILE).exists() else {}
-        (workdir / WALL_FILE).write_text(json.dumps(
-            {"wall_s": prev.get("wall_s", 0.0) + time.time() - t0}))
+        else:
+            pending.append((workdir, cmd))
+    cpus = sorted(os.sched_getaffinity(0))
+    if jobs > len(cpus):
+        raise ValueError(f"--jobs={jobs}: this process may use {len(cpus)} cpus")
+    slots = [set(cpus[i::jobs]) for i in range(jobs)] if jobs > 1 else [None]
+    running, failed, total = {}, [], len(pending)
+    while (pending and not failed) or running:
+        for slot, (workdir, cmd, proc, t0, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[slot]
+            if proc.returncode:
+                failed.append(f"{' '.join(cmd)} failed ({proc.returncode}); see {workdir / 'log.txt'}")
+                continue
+            prev = json.loads((workdir / WALL_FILE).read_text()) if (workdir / WALL_FILE).exists() else {}
+            (workdir / WALL_FILE).write_text(json.dumps(
+                {"wall_s": prev.get("wall_s", 0.0) + time.time() - t0}))
+            done = total - len(pending) - len(running)
+            print(f"finished {workdir} in {(time.time() - t0) / 60:.1f} min ({done} of {total})",
+                  flush=True)
+        for slot in range(len(slots)):
+            if slot in running or failed:
+                continue
+            nxt = next((r for r in pending if _ready(out, r[0])), None)
+            if nxt is None:
+                break
+            pending.remove(nxt)
+            running[slot] = _launch(out, *nxt, slots[slot])
+        if pending and not running and not failed:
+            raise SystemExit(f"nothing can run: {pending[0][0]} waits for a run that is not there")
+        if running:
+            time.sleep(1.0)
+    if failed:
+        raise SystemExit("\n".join(failed))
 
 
 # ---------------------------------------------------------------------------- aggregation
@@ -296,14 +351,16 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default="runs/table")
     p.add_argument("--last", type=int, default=5, help="steps the training columns average")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each pinned to its share of the cores (2 on 2 cores: ~1.3x)")
     p.add_argument("-n", "--dry-run", action="store_true")
     p.add_argument("--aggregate", action="store_true", help="only write the table")
     args, extra = p.parse_known_args(argv)
-    if args.seeds < 1 or args.last < 1:
-        p.error("--seeds and --last must be >= 1")
+    if args.seeds < 1 or args.last < 1 or args.jobs < 1:
+        p.error("--seeds, --last and --jobs must be >= 1")
     out = pathlib.Path(args.out)
     if not args.aggregate:
-        run_all(args.config, out, args.seeds, extra, args.dry_run)
+        run_all(args.config, out, args.seeds, extra, args.dry_run, args.jobs)
     if args.dry_run:
         return
     agg = aggregate(out, args.last)
