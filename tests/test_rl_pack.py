@@ -230,10 +230,16 @@ def test_last_token_rewards_and_packed_gae():
 def test_policy_index_lists_each_rows_mask_positions():
     mask = np.zeros((3, 40), bool)
     mask[0, [3, 4, 5, 30]] = True
-    mask[2, 10:31] = True          # 21 positions -> width 32 (power of two)
+    mask[2, 10:31] = True          # 21 positions -> width 24 (1.5 x 16)
     idx = P.policy_index(mask)
-    assert idx.shape == (3, 32)
+    assert idx.shape == (3, 24)
     for r in range(3):
         got = idx[r][idx[r] < 40]
         np.testing.assert_array_equal(got, np.flatnonzero(mask[r]))
         assert (idx[r][len(got):] == 40).all()
+    # widths: the smallest of 16, 24, 32, 48, 64, ... that holds the longest row, capped at T
+    for n, width in ((1, 16), (16, 16), (17, 24), (24, 24), (25, 32), (33, 48), (49, 64)):
+        m = np.zeros((2, 100), bool)
+        m[1, :n] = True
+        assert P.policy_index(m).shape == (2, width), n
+    assert P.policy_index(np.ones((1, 40), bool)).shape == (1, 40)
