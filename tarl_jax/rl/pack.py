@@ -19,9 +19,10 @@ of the same segment, so `chunked_logprobs(hidden, W, targets)` needs no shift:
                                                  NaN on a turn recorded without log-probs)
     ref_logprobs                          f32    zeros: the reference-policy slot, filled later
     policy_index                          int32  [rows, M]: the loss-mask positions of each row,
-                                                 padded with T; M a power of two or 1.5x one. The step scores
-                                                 only these positions (prompts, tool results and
-                                                 audio are most of a dialogue and need no logits)
+                                                 padded with T; M a power of two or 1.5x
+                                                 one. The step scores only these positions
+                                                 (prompts, tool results and audio are most of
+                                                 a dialogue and need no logits)
 
 Speech (`audio=` a SpeechView: `token_counts`, `stream`, `mel_rows`, `width`), audio_as=
   "embeddings" (frozen encoder):
