@@ -11,12 +11,16 @@ next `append` (a tool result, a user turn) is exact and never re-encodes history
 in is consumed; keep the one returned.
 
 Shapes (one compile per distinct tuple, shared by every Sampler of the same config). Batch size
-and cache length are fixed by the state. Appended token blocks are right-padded (pads get
-`qwen.PAD_POSITION`, so their cache writes drop) to the next power of two >= `min_bucket`, at
-most `prefill_chunk`; longer inputs are fed in chunks of `prefill_chunk` tokens, which also bounds
-the [B, H, T, S] attention scores. The decode output buffers are padded to the next power of two
->= max(max_new_tokens, min_bucket); the loop stops as soon as every row is done. Only the last
-position's hidden state is kept, so prefill never builds [B, T, V] logits.
+and cache length are fixed by the state. An append feeds the rows' new tokens in calls that
+advance them together (`prefill_plan`): a call takes the rows with tokens left (gathered into a
+smaller state when not all of them, their count padded to a power of two) and a power-of-two
+block of each, at least `prefill_block` and at most `prefill_chunk` wide (which bounds the
+[B, H, T, S] attention scores); pads get `qwen.PAD_POSITION`, so their cache writes drop. One
+padded [B, longest] block instead spent 70-80% of a rollout round's prefill on pads (level 1
+compact: tool results of 100-170 tokens beside user turns of 20). The decode output buffers are
+padded to the next power of two >= max(max_new_tokens, min_bucket); the loop stops as soon as
+every row is done. Only the last position's hidden state is kept, so prefill never builds
+[B, T, V] logits.
 
 Sampling, per row: temperature (0 = greedy argmax), top-k (0 = off), top-p (1 = off), stop token
 set (the stop token is emitted and kept in the cache), max new tokens. Truncation is compiled in
@@ -80,6 +84,46 @@ def append(model: qwen.Decoder, params, state: DecodeState, tokens, num_new, aud
     last = jnp.take_along_axis(hidden, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]
     hidden = jnp.where((num_new > 0)[:, None], last, state.hidden)
     return DecodeState(cache, state.length + num_new, hidden)
+
+
+def append_rows(model: qwen.Decoder, params, state: DecodeState, rows, tokens, num_new,
+                audio=None, audio_token_id: int = -1) -> DecodeState:
+    """`append` to rows[i] of the state only (tokens and num_new are per entry of rows): those
+    rows are gathered into a smaller state, appended to, and written back. Entries of rows equal
+    to the batch size are padding (num_new 0; their write-back drops)."""
+    # (The cache's batch is its axis 1.)
+    sub = DecodeState(jax.tree.map(lambda x: jnp.take(x, rows, axis=1, mode="clip"), state.cache),
+                      jnp.take(state.length, rows, mode="clip"),
+                      jnp.take(state.hidden, rows, axis=0, mode="clip"))
+    sub = append(model, params, sub, tokens, num_new, audio, audio_token_id)
+    return DecodeState(jax.tree.map(lambda x, y: x.at[:, rows].set(y, mode="drop"), state.cache,
+                                    sub.cache),
+                       state.length.at[rows].set(sub.length, mode="drop"),
+                       state.hidden.at[rows].set(sub.hidden, mode="drop"))
+
+
+def prefill_plan(num: Sequence[int], block: int,
+                 max_width: int) -> list[tuple[int, int, np.ndarray]]:
+    """The calls that append num[b] tokens to each row b: (offset, width, rows), each call
+    feeding tokens [offset, offset + width) of the rows that have any there. Rows advance
+    together, so padding stays small when their lengths differ (a tool result of 170 tokens
+    beside user turns of 20): a call is `block` wide unless every row in it has at least twice
+    that left (then the widest power-of-two multiple they all fill, up to max_width); a row
+    alone takes its whole rest in one call. The rows' count is padded to a power of two."""
+    num = np.asarray(num)
+    calls, offset = [], 0
+    while True:
+        rows = np.nonzero(num > offset)[0]
+        if rows.size == 0:
+            return calls
+        left = num[rows] - offset
+        if rows.size == 1:
+            width = bucket(int(left[0]), block)
+        else:
+            width = max(block, 1 << (int(left.min()).bit_length() - 1))
+        width = min(width, max_width)
+        calls.append((offset, width, rows))
+        offset += width
 
 
 def sample_logits(logits, keys, temperature, top_p, top_k, truncate: bool, draw: bool = True):
@@ -177,6 +221,8 @@ def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, to
 # so a sampler made per episode costs no recompilation.
 _append_jit = jax.jit(append, static_argnums=0, donate_argnums=2,
                       static_argnames=("audio_token_id",))
+_append_rows_jit = jax.jit(append_rows, static_argnums=0, donate_argnums=2,
+                           static_argnames=("audio_token_id",))
 _decode_jit = jax.jit(decode, static_argnums=0, donate_argnums=2,
                       static_argnames=("steps", "truncate", "top_logprobs", "draw"))
 
@@ -226,7 +272,8 @@ class Sampler:
     """
 
     def __init__(self, cfg: qwen.DecoderConfig, params, *, cache_len: int = 4096, cache_dtype=None,
-                 logprobs: str = "tempered", prefill_chunk: int = 1024, min_bucket: int = 16,
+                 logprobs: str = "tempered", prefill_chunk: int = 1024, prefill_block: int = 32,
+                 min_bucket: int = 16,
                  audio_token_id: int | None = None, min_kv_window: int = 512, mesh=None,
                  rules=None):
         if logprobs not in LOGPROB_MODES:
@@ -235,7 +282,11 @@ class Sampler:
         # mesh: the devices the cache lives on, cut by `rules` (batch over data/fsdp, KV heads
         # over tensor); the params are placed by the caller (`place`). None: the default device.
         self.mesh, self.rules = mesh, rules
+        for name, n in (("prefill_chunk", prefill_chunk), ("prefill_block", prefill_block)):
+            if n < 1 or n & (n - 1):
+                raise ValueError(f"{name}={n}: a power of two")
         self.logprobs, self.prefill_chunk, self.min_bucket = logprobs, prefill_chunk, min_bucket
+        self.prefill_block = min(prefill_block, prefill_chunk)
         self.audio_token_id = audio_token_id   # the Omni thinker's <|AUDIO|>; None: text only
         self.model = qwen.Decoder(cfg)
         self.min_kv_window = min_kv_window
@@ -302,24 +353,40 @@ class Sampler:
                 f"new_tokens: rows {over.tolist()} would hold {(lengths + num)[over].tolist()} tokens "
                 f"> cache_len={self.cache_len}")
         is_audio = self._audio_positions(new_tokens, audio)
-        model = self._model(int((lengths + num).max(initial=0)))
-        for start in range(0, int(num.max(initial=0)), self.prefill_chunk):
-            chunk = np.clip(num - start, 0, self.prefill_chunk)
-            width = min(bucket(int(chunk.max()), self.min_bucket), self.prefill_chunk)
-            tokens = np.zeros((batch, width), np.int32)
-            for b, t in enumerate(new_tokens):
-                tokens[b, :chunk[b]] = t[start:start + chunk[b]]
-            rows = None
+        for offset, width, rows in prefill_plan(num, self.prefill_block, self.prefill_chunk):
+            # The call's rows: gathered into the first slots of a smaller state, unless that
+            # would not be smaller (then every row rides along, those without tokens unchanged).
+            whole = bucket(rows.size, 1) >= batch
+            size = batch if whole else bucket(rows.size, 1)
+            slot = rows if whole else np.arange(rows.size)
+            chunk = np.zeros(size, np.int32)
+            chunk[slot] = np.clip(num[rows] - offset, 0, width)
+            tokens = np.zeros((size, width), np.int32)
+            for i, b in zip(slot, rows):
+                tokens[i, :chunk[i]] = new_tokens[b][offset:offset + chunk[i]]
+            audio_rows = None
             if is_audio is not None:
-                # Each row's embeddings for the placeholders inside this chunk, in order.
-                done = [int(m[:start].sum()) for m in is_audio]
-                here = [int(m[start:start + self.prefill_chunk].sum()) for m in is_audio]
-                if any(here):
-                    rows = omni.audio_rows(
-                        [None if audio[b] is None else audio[b][done[b]:done[b] + here[b]]
-                         for b in range(batch)], self.cfg.hidden_size, self.min_bucket)
-            state = _append_jit(model, self.params, state, tokens, chunk, rows,
-                                audio_token_id=-1 if rows is None else self.audio_token_id)
+                # Each row's embeddings for the placeholders inside this call, in order.
+                streams = [None] * size
+                for i, b in zip(slot, rows):
+                    done = int(is_audio[b][:offset].sum())
+                    here = int(is_audio[b][offset:offset + width].sum())
+                    if here:
+                        streams[i] = audio[b][done:done + here]
+                if any(x is not None for x in streams):
+                    audio_rows = omni.audio_rows(streams, self.cfg.hidden_size, self.min_bucket)
+            model = self._model(int((lengths[rows] + offset + chunk[slot]).max()))
+            audio_id = -1 if audio_rows is None else self.audio_token_id
+            if whole:
+                state = _append_jit(model, self.params, state, tokens, chunk, audio_rows,
+                                    audio_token_id=audio_id)
+            else:
+                # Padding slots name row `batch`: gathered as a copy of the last row, never
+                # written back.
+                index = np.full(size, batch, np.int32)
+                index[:rows.size] = rows
+                state = _append_rows_jit(model, self.params, state, index, tokens, chunk,
+                                         audio_rows, audio_token_id=audio_id)
         return state
 
     def _audio_positions(self, new_tokens, audio) -> list[np.ndarray] | None:

@@ -96,6 +96,50 @@ def test_append_continuation_equals_reencoding(tiny):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
+def test_prefill_plan_feeds_every_token_once_in_few_padded_slots():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        num = rng.integers(0, 300, rng.integers(1, 40)) * (rng.random() < 0.9)
+        block, widest = int(rng.choice([8, 16, 32])), int(rng.choice([64, 256, 1024]))
+        fed = np.zeros_like(num)
+        for offset, width, rows in sampler_lib.prefill_plan(num, block, widest):
+            assert offset == fed.max() and block <= width <= widest and width & (width - 1) == 0
+            np.testing.assert_array_equal(rows, np.nonzero(num > offset)[0])
+            fed[rows] = np.minimum(num[rows], offset + width)
+            if rows.size > 1:   # a call wider than the block is filled by every row in it
+                assert width == block or (num[rows] >= offset + width).all()
+        np.testing.assert_array_equal(fed, num)
+    # A rollout round: one 170-token tool result beside 26 short user turns.
+    plan = sampler_lib.prefill_plan([170] + [20] * 26, 32, 1024)
+    assert [(o, w, r.size) for o, w, r in plan] == [(0, 32, 27), (32, 256, 1)]
+
+
+def test_ragged_append_equals_each_row_alone(tiny):
+    """Rows of very different new lengths appended together (gathered subsets of rows, padded
+    row counts) hold what each row appended on its own holds, and decode the same."""
+    _, cfg, params, _ = tiny
+    together = sampler_lib.Sampler(cfg, params, cache_len=128, prefill_chunk=32, prefill_block=8)
+    alone = sampler_lib.Sampler(cfg, params, cache_len=128, prefill_chunk=128)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, 120, n).tolist() for n in (12, 3, 20, 9, 1)]
+    turns = [rng.integers(1, 120, n).tolist() for n in (0, 40, 5, 17, 60)]
+    live = together.append(together.start(prompts), turns)
+    state = jax.device_get(live)     # decode consumes `live`
+    _, outs = together.decode(live, max_new_tokens=6, temperature=0.0)
+    for b, (prompt, turn) in enumerate(zip(prompts, turns)):
+        one = alone.start([prompt + turn])
+        assert int(one.length[0]) == int(state.length[b]) == len(prompt) + len(turn)
+        n = len(prompt) + len(turn)
+        for layer in range(cfg.num_layers):
+            np.testing.assert_allclose(state.cache["k"][layer][0, b, ..., :n],
+                                       one.cache["k"][layer][0, 0, ..., :n], atol=1e-5)
+            np.testing.assert_allclose(state.cache["v"][layer][0, b, :, :n],
+                                       one.cache["v"][layer][0, 0, :, :n], atol=1e-5)
+        np.testing.assert_allclose(state.hidden[b], one.hidden[0], atol=1e-5)
+        _, ref = alone.decode(one, max_new_tokens=6, temperature=0.0)
+        assert outs[b].tokens == ref[0].tokens
+
+
 def test_kv_window_equals_attending_to_the_whole_cache(tiny):
     """Multi-turn sampling with windows growing past several powers of two equals the sampler
     that always attends to every cache slot (the windowed programs are really used)."""
