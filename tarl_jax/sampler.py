@@ -13,7 +13,7 @@ in is consumed; keep the one returned.
 Shapes (one compile per distinct tuple, shared by every Sampler of the same config). Batch size
 and cache length are fixed by the state. An append feeds the rows' new tokens in calls that
 advance them together (`prefill_plan`): a call takes the rows with tokens left (gathered into a
-smaller state when not all of them, their count padded to a power of two) and a power-of-two
+smaller state when their count, padded to a power of two, is below the batch) and a power-of-two
 block of each, at least `prefill_block` and at most `prefill_chunk` wide (which bounds the
 [B, H, T, S] attention scores); pads get `qwen.PAD_POSITION`, so their cache writes drop. One
 padded [B, longest] block instead spent 70-80% of a rollout round's prefill on pads (level 1
@@ -109,7 +109,7 @@ def prefill_plan(num: Sequence[int], block: int,
     together, so padding stays small when their lengths differ (a tool result of 170 tokens
     beside user turns of 20): a call is `block` wide unless every row in it has at least twice
     that left (then the widest power-of-two multiple they all fill, up to max_width); a row
-    alone takes its whole rest in one call. The rows' count is padded to a power of two."""
+    alone takes its whole rest in one call."""
     num = np.asarray(num)
     calls, offset = [], 0
     while True:
@@ -356,8 +356,9 @@ class Sampler:
         for offset, width, rows in prefill_plan(num, self.prefill_block, self.prefill_chunk):
             # The call's rows: gathered into the first slots of a smaller state, unless that
             # would not be smaller (then every row rides along, those without tokens unchanged).
-            whole = bucket(rows.size, 1) >= batch
-            size = batch if whole else bucket(rows.size, 1)
+            size = bucket(rows.size, 1)
+            whole = size >= batch
+            size = batch if whole else size
             slot = rows if whole else np.arange(rows.size)
             chunk = np.zeros(size, np.int32)
             chunk[slot] = np.clip(num[rows] - offset, 0, width)
