@@ -83,6 +83,7 @@ RULES = {
     "rollout.max_turn_tokens": _int_at_least(1),
     "rollout.cache_len": _int_at_least(2),
     "rollout.max_rows": _int_at_least(0),
+    "rollout.decode_chunk": _int_at_least(0),
     "rollout.tensor": lambda v: None if type(v) is int and (v == -1 or v >= 1) else
                                 "must be -1 (all of a host's devices) or an integer >= 1",
     "rollout.eval_samples": _int_at_least(1),

@@ -78,7 +78,7 @@ class Rows:
             self.state = _copy_rows(self.state, src, dst)
 
     def decode(self, keys, **sampling) -> list[sampler_lib.Completion]:
-        """One decode call over every row (Sampler.decode's per-row sampling settings; rows
+        """Sampler.decode over every row (its per-row sampling settings; rows
         with max_new_tokens 0 ride along unchanged); keys: one per row (`row_keys`)."""
         self.state, outs = self.sampler.decode(self.state, seed=keys, **sampling)
         return outs

@@ -19,8 +19,10 @@ block of each, at least `prefill_block` and at most `prefill_chunk` wide (which 
 padded [B, longest] block instead spent 70-80% of a rollout round's prefill on pads (level 1
 compact: tool results of 100-170 tokens beside user turns of 20). The decode output buffers are
 padded to the next power of two >= max(max_new_tokens, min_bucket); the loop stops as soon as
-every row is done. Only the last position's hidden state is kept, so prefill never builds
-[B, T, V] logits.
+every row is done. With `decode_chunk` n > 0 a reply decodes n steps a call, and the rows still
+writing are gathered the same way between calls: a decode step costs in proportion to its rows,
+and in a rollout round most rows finish long before the longest reply. Only the last
+position's hidden state is kept, so prefill never builds [B, T, V] logits.
 
 Sampling, per row: temperature (0 = greedy argmax), top-k (0 = off), top-p (1 = off), stop token
 set (the stop token is emitted and kept in the cache), max new tokens. Truncation is compiled in
@@ -86,20 +88,29 @@ def append(model: qwen.Decoder, params, state: DecodeState, tokens, num_new, aud
     return DecodeState(cache, state.length + num_new, hidden)
 
 
+def _gather(state: DecodeState, rows) -> DecodeState:
+    # (The cache's batch is its axis 1.) Entries of rows equal to the batch size are padding:
+    # copies of the last row.
+    return DecodeState(jax.tree.map(lambda x: jnp.take(x, rows, axis=1, mode="clip"), state.cache),
+                       jnp.take(state.length, rows, mode="clip"),
+                       jnp.take(state.hidden, rows, axis=0, mode="clip"))
+
+
+def _scatter(state: DecodeState, rows, sub: DecodeState) -> DecodeState:
+    # Padding entries (== batch size) drop.
+    return DecodeState(jax.tree.map(lambda x, y: x.at[:, rows].set(y, mode="drop"), state.cache,
+                                    sub.cache),
+                       state.length.at[rows].set(sub.length, mode="drop"),
+                       state.hidden.at[rows].set(sub.hidden, mode="drop"))
+
+
 def append_rows(model: qwen.Decoder, params, state: DecodeState, rows, tokens, num_new,
                 audio=None, audio_token_id: int = -1) -> DecodeState:
     """`append` to rows[i] of the state only (tokens and num_new are per entry of rows): those
     rows are gathered into a smaller state, appended to, and written back. Entries of rows equal
     to the batch size are padding (num_new 0; their write-back drops)."""
-    # (The cache's batch is its axis 1.)
-    sub = DecodeState(jax.tree.map(lambda x: jnp.take(x, rows, axis=1, mode="clip"), state.cache),
-                      jnp.take(state.length, rows, mode="clip"),
-                      jnp.take(state.hidden, rows, axis=0, mode="clip"))
-    sub = append(model, params, sub, tokens, num_new, audio, audio_token_id)
-    return DecodeState(jax.tree.map(lambda x, y: x.at[:, rows].set(y, mode="drop"), state.cache,
-                                    sub.cache),
-                       state.length.at[rows].set(sub.length, mode="drop"),
-                       state.hidden.at[rows].set(sub.hidden, mode="drop"))
+    sub = append(model, params, _gather(state, rows), tokens, num_new, audio, audio_token_id)
+    return _scatter(state, rows, sub)
 
 
 def prefill_plan(num: Sequence[int], block: int,
@@ -217,6 +228,13 @@ def decode(model: qwen.Decoder, params, state: DecodeState, rng, temperature, to
     return state, out_tok, out_lp, count, reason
 
 
+
+def decode_rows(model: qwen.Decoder, params, state: DecodeState, rows, *args, **kwargs):
+    """`decode` of rows[i] of the state only, like `append_rows` (per-row arguments are per
+    entry of rows; padding entries, == the batch size, need max_new 0)."""
+    sub, *out = decode(model, params, _gather(state, rows), *args, **kwargs)
+    return (_scatter(state, rows, sub), *out)
+
 # Module-level, keyed on the (hashable) Decoder: every Sampler of one config shares the compiles,
 # so a sampler made per episode costs no recompilation.
 _append_jit = jax.jit(append, static_argnums=0, donate_argnums=2,
@@ -225,6 +243,8 @@ _append_rows_jit = jax.jit(append_rows, static_argnums=0, donate_argnums=2,
                            static_argnames=("audio_token_id",))
 _decode_jit = jax.jit(decode, static_argnums=0, donate_argnums=2,
                       static_argnames=("steps", "truncate", "top_logprobs", "draw"))
+_decode_rows_jit = jax.jit(decode_rows, static_argnums=0, donate_argnums=2,
+                           static_argnames=("steps", "truncate", "top_logprobs", "draw"))
 
 
 @dataclasses.dataclass
@@ -273,7 +293,7 @@ class Sampler:
 
     def __init__(self, cfg: qwen.DecoderConfig, params, *, cache_len: int = 4096, cache_dtype=None,
                  logprobs: str = "tempered", prefill_chunk: int = 1024, prefill_block: int = 32,
-                 min_bucket: int = 16,
+                 min_bucket: int = 16, decode_chunk: int = 0,
                  audio_token_id: int | None = None, min_kv_window: int = 512, mesh=None,
                  rules=None):
         if logprobs not in LOGPROB_MODES:
@@ -287,6 +307,9 @@ class Sampler:
                 raise ValueError(f"{name}={n}: a power of two")
         self.logprobs, self.prefill_chunk, self.min_bucket = logprobs, prefill_chunk, min_bucket
         self.prefill_block = min(prefill_block, prefill_chunk)
+        if decode_chunk < 0:
+            raise ValueError(f"decode_chunk={decode_chunk}: 0 (one call) or a step count")
+        self.decode_chunk = decode_chunk
         self.audio_token_id = audio_token_id   # the Omni thinker's <|AUDIO|>; None: text only
         self.model = qwen.Decoder(cfg)
         self.min_kv_window = min_kv_window
@@ -420,8 +443,9 @@ class Sampler:
         each row's samples are then independent of the batch it is in); same seed, same samples.
         allow: None or [B, ceil(vocab / 32)] int32 bitmasks of the tokens each row may sample
         (the module's `decode`). first_step: where each row's step counter starts, so a
-        continuation decoded in several calls samples what one call would. top_logprobs k:
-        each Completion's `top` holds every step's k likeliest (token, log-prob).
+        continuation decoded in several calls samples what one call would (the sampler's
+        `decode_chunk` relies on it). top_logprobs k: each Completion's `top` holds every
+        step's k likeliest (token, log-prob).
         Consumes `state`; the returned one holds every sampled token.
         """
         batch = state.length.shape[0]
@@ -429,27 +453,66 @@ class Sampler:
         top_p = _per_row(top_p, batch, np.float32, "top_p")
         top_k = _per_row(top_k, batch, np.int32, "top_k")
         max_new = _per_row(max_new_tokens, batch, np.int32, "max_new_tokens")
+        first_step = _per_row(first_step, batch, np.int32, "first_step")
+        stops = _stop_array(stop_tokens, batch)
+        allow = None if allow is None else np.asarray(allow, np.int32)
         rng = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+        # One key per row, as `decode` splits them: the same samples however the rows are cut.
+        row_keys = rng if rng.ndim == 1 else jax.random.split(rng, batch)
         sampled = temperature > 0
-        truncate = bool(np.any(sampled & ((top_p < 1) | (top_k > 0))))
-        logprob_temperature = np.where(sampled & (self.logprobs == "tempered"), temperature, 1.0)
-        steps = bucket(min(int(max_new.max()), self.cache_len), self.min_bucket)
-        model = self._model(int(np.max(state.length)) + steps)
-        state, *out = _decode_jit(
-            model, self.params, state, rng, temperature, top_p, top_k,
-            _stop_array(stop_tokens, batch), max_new, logprob_temperature.astype(np.float32),
-            # An <|AUDIO|> the policy wrote would be taken for a placeholder of heard audio.
-            -1 if self.audio_token_id is None else self.audio_token_id,
-            None if allow is None else np.asarray(allow, np.int32),
-            _per_row(first_step, batch, np.int32, "first_step"), steps=steps, truncate=truncate,
-            top_logprobs=top_logprobs, draw=bool(np.any(sampled)))
-        tokens, logprobs, counts, reasons, *top = jax.device_get(out)
-        outs = [Completion(tokens[b, :n].tolist(), logprobs[b, :n].tolist(), REASONS[int(r)])
-                for b, (n, r) in enumerate(zip(counts, reasons))]
-        if top_logprobs:
-            for b, c in enumerate(outs):
-                c.top = [list(zip(top[0][b, t].tolist(), top[1][b, t].tolist()))
-                         for t in range(len(c.tokens))]
+        # Fixed for the whole batch (a chunk's rows do not change the program's variant).
+        static = dict(truncate=bool(np.any(sampled & ((top_p < 1) | (top_k > 0)))),
+                      top_logprobs=top_logprobs, draw=bool(np.any(sampled)))
+        logprob_temperature = np.where(sampled & (self.logprobs == "tempered"), temperature,
+                                       1.0).astype(np.float32)
+        # An <|AUDIO|> the policy wrote would be taken for a placeholder of heard audio.
+        banned = -1 if self.audio_token_id is None else self.audio_token_id
+        chunk = self.decode_chunk or np.iinfo(np.int32).max
+        done, left = np.zeros(batch, np.int32), max_new.copy()
+        outs = [Completion([], [], "length", [] if top_logprobs else None) for _ in range(batch)]
+        running = np.arange(batch) if not self.decode_chunk else np.nonzero(left > 0)[0]
+        while running.size:
+            # The running rows, gathered into a smaller state when that is smaller (as in
+            # `append`); the rest ride along with max_new 0, unchanged.
+            size = bucket(running.size, 1)
+            whole = size >= batch or not self.decode_chunk
+            if whole:
+                index = np.arange(batch)
+            else:   # padding slots name row `batch` (a copy of the last row, never written back)
+                index = np.full(size, batch, np.int32)
+                index[:running.size] = running
+            live = np.zeros(batch + 1, bool)
+            live[running] = True
+            row = np.minimum(index, batch - 1)
+            new = np.where(live[index], np.minimum(left[row], chunk), 0).astype(np.int32)
+            steps = bucket(min(int(new.max()), self.cache_len), self.min_bucket)
+            lengths = np.asarray(state.length)
+            model = self._model(int(lengths[running].max()) + steps)
+            args = (row_keys if whole else row_keys[row], temperature[row], top_p[row],
+                    top_k[row], stops[row], new, logprob_temperature[row], banned,
+                    None if allow is None else allow[row], first_step[row] + done[row])
+            if whole:
+                state, *out = _decode_jit(model, self.params, state, *args, steps=steps, **static)
+            else:
+                state, *out = _decode_rows_jit(model, self.params, state, index, *args,
+                                               steps=steps, **static)
+            tokens, logprobs, counts, reasons, *top = jax.device_get(out)
+            more = []
+            for i, b in enumerate(index):
+                if b == batch or not live[b]:
+                    continue
+                n, c = int(counts[i]), outs[b]
+                c.tokens += tokens[i, :n].tolist()
+                c.logprobs += logprobs[i, :n].tolist()
+                if top_logprobs:
+                    c.top += [list(zip(top[0][i, t].tolist(), top[1][i, t].tolist()))
+                              for t in range(n)]
+                done[b] += n
+                left[b] -= n
+                c.finish_reason = REASONS[int(reasons[i])]
+                if c.finish_reason == "length" and left[b] > 0:   # the chunk ended, not the reply
+                    more.append(b)
+            running = np.array(more, np.int64)
         return state, outs
 
     def generate(self, prompts: Sequence[Sequence[int]], **decode_kwargs) -> list[Completion]:

@@ -101,6 +101,7 @@ class Trainer:
         self._stepped = False   # an RL step ran in this process (later ones should not compile)
         self.rng = jax.random.key(c.seed)
         self.sampler = Sampler(self.model_cfg, params, cache_len=c.rollout.cache_len,
+                               decode_chunk=c.rollout.get("decode_chunk", 0),
                                audio_token_id=self.audio_id, rules=self.rules,
                                mesh=sharding.local_tensor_mesh(c.rollout.get("tensor", 1)))
         self._initial_params = params

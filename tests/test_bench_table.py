@@ -1,6 +1,7 @@
 """The table driver (tarl_jax/bench/table.py): its aggregation over fake finished runs checked
 against numpy, the commands it runs, the control's wall-time budget, resuming."""
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -151,11 +152,13 @@ class _Done:
         return self.returncode
 
 
-def _fake_main(seen, cpus_seen=None):
+def _fake_main(seen, cpus_seen=None, envs=None):
     """A fake tarl_jax.main: each run writes a finished workdir; its step times are known."""
-    def run(cmd, stdout, stderr, preexec_fn):
+    envs = [] if envs is None else envs
+    def run(cmd, stdout, stderr, preexec_fn, env):
         wd = pathlib.Path(next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir=")))
         seen.append(cmd)
+        envs.append(env)
         if cpus_seen is not None:
             cpus_seen.append(preexec_fn)
         if wd.parent.name != "start":
@@ -174,11 +177,15 @@ def _fake_main(seen, cpus_seen=None):
 
 
 def test_run_all_gives_the_control_the_rl_arms_time_and_resumes(tmp_path, monkeypatch):
-    out, seen = tmp_path / "out", []
+    out, seen, envs = tmp_path / "out", [], []
     monkeypatch.setattr(table.time, "sleep", lambda s: None)
-    monkeypatch.setattr(table.subprocess, "Popen", _fake_main(seen))
+    monkeypatch.setattr(table.subprocess, "Popen", _fake_main(seen, envs=envs))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     table.run_all("configs/tiny.py:table", out, 1, [], dry=False)
     assert len(seen) == 1 + len(table.ARMS)
+    # Every run compiles into the table's one cache, and keeps the driver's environment.
+    assert {e["JAX_COMPILATION_CACHE_DIR"] for e in envs} == {str(out / "xla_cache")}
+    assert all(e["PATH"] == os.environ["PATH"] for e in envs)
     # RL arms: 10, 20, 30, 40 (+1.5 each, the mean of steps 1 and 2) -> 26.5 s a step.
     assert seen[-1][-1] == "--config.rl.sft_seconds=26.5"
     assert json.loads((out / "sft" / "seed=0" / table.BUDGET_FILE).read_text()) == {"sft_seconds": 26.5}

@@ -140,6 +140,41 @@ def test_ragged_append_equals_each_row_alone(tiny):
         assert outs[b].tokens == ref[0].tokens
 
 
+
+def test_chunked_decode_samples_what_one_call_does(tiny):
+    """decode_chunk: a reply decoded in calls of 5 steps, the rows still running gathered into a
+    smaller state between them, samples the same tokens (same keys, same step counters), with
+    the same log-probs, top log-probs, finish reasons and cache as one call over every row."""
+    _, cfg, params, _ = tiny
+    one = sampler_lib.Sampler(cfg, params, cache_len=128, prefill_chunk=32)
+    cut = sampler_lib.Sampler(cfg, params, cache_len=128, prefill_chunk=32, decode_chunk=5)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(1, 120, n).tolist() for n in (4, 9, 2, 30, 7, 12)]
+    STOPS = list(range(0, 128, 9))
+    # Replies that end at different steps: stop tokens hit at random, caps of 0 to 23 steps,
+    # a row that fills its cache (row 3, no stop token: 30 + 98 = 128), greedy beside sampled.
+    sampling = dict(max_new_tokens=[23, 0, 17, 110, 3, 23], temperature=[1.0, 1.0, 0.0, 1.0, 0.7, 1.3],
+                    top_k=[0, 0, 0, 0, 20, 0], stop_tokens=[STOPS] * 3 + [[]] + [STOPS] * 2,
+                    seed=jax.random.key(3),
+                    first_step=[0, 0, 4, 0, 0, 2], top_logprobs=2)
+    outs = {}
+    for name, s in (("one", one), ("cut", cut)):
+        state, outs[name] = s.decode(s.start(prompts), **sampling)
+        outs[name + "_state"] = jax.device_get(state)
+    assert len({len(c.tokens) for c in outs["one"]}) >= 4     # the rows do end apart
+    assert {c.finish_reason for c in outs["one"]} == {"stop", "length", "cache_full"}
+    for a, b in zip(outs["one"], outs["cut"]):
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+        assert [[t for t, _ in step] for step in a.top] == [[t for t, _ in step] for step in b.top]
+    x, y = outs["one_state"], outs["cut_state"]
+    np.testing.assert_array_equal(x.length, y.length)
+    np.testing.assert_allclose(x.hidden, y.hidden, atol=1e-5)
+    for b, n in enumerate(np.asarray(x.length)):
+        for layer in range(cfg.num_layers):
+            np.testing.assert_allclose(x.cache["v"][layer][0, b, :, :n],
+                                       y.cache["v"][layer][0, b, :, :n], atol=1e-5)
+
 def test_kv_window_equals_attending_to_the_whole_cache(tiny):
     """Multi-turn sampling with windows growing past several powers of two equals the sampler
     that always attends to every cache slot (the windowed programs are really used)."""

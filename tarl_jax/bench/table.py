@@ -13,7 +13,8 @@ SFT on the expert's dialogues (the warm start continued) for the RL arms' mean s
 at every step, so its curve is on the same wall-time axis. Runs go one after another (`--jobs=N`:
 N at a time, each pinned to its share of the cores, a run as soon as those it needs end); a finished
 run (summary.json) is skipped and an interrupted one resumes from its latest checkpoint, so
-re-running the command finishes a table. Arguments after the known ones (e.g.
+re-running the command finishes a table. The runs share one persistent XLA compilation cache,
+OUT/xla_cache (JAX_COMPILATION_CACHE_DIR, if set, wins). Arguments after the known ones (e.g.
 `--config.rollout.temperature=0.7`) go to every run.
 
 OUT/table.md (also printed) and OUT/curves.png: per arm, held-out pass^1 (greedy) after training
@@ -110,7 +111,13 @@ def _launch(out: pathlib.Path, workdir: pathlib.Path, cmd: list[str], cpus) -> t
     # Each job on its own cores: two one-core runs did ~1.3x the work of one two-core run on
     # this 2-core machine (level 1 compact: 93 s a step each, against 62 s alone; README).
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
+    # The runs share one persistent XLA cache: the same programs compile once a table, not in
+    # every run (level 1 compact: 67-339 s of compiling in a run's steps, its compile/seconds).
+    # A hit is the same executable (keys hash the program and options); an entry cut short by
+    # a killed run costs a warning and a recompile.
+    env = {"JAX_COMPILATION_CACHE_DIR": str(out / "xla_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **os.environ}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin, env=env)
     return workdir, cmd, proc, time.time(), log
 
 
