@@ -20,7 +20,9 @@ OpenAI-style server does). Both use the same Sampler, cache size and greedy toke
 Rollout round (--rollout_rows, 0 skips it): rows of ~--rollout_context tokens in a 2048-slot
 cache, one 96-token turn appended and 128 tokens decoded: level 1's rollouts, seconds to append
 and milliseconds a decode step; then a ragged turn (a few long tool results beside short user
-turns) appended as one padded block vs rows advanced together (`sampler.prefill_plan`).
+turns) appended as one padded block vs rows advanced together (`sampler.prefill_plan`), and
+ragged replies (every 8th row 128 tokens, the rest 8-40) decoded in one call vs 64 steps a call
+with the rows still writing (`Sampler(decode_chunk=64)`).
 
 Long cache: the same episode in a --long_cache slot cache (rollout configs size the cache for the
 longest dialogue: 8k for tiny_speech and tau-bench), with the sampler's power-of-two kv window
