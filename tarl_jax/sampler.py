@@ -104,6 +104,18 @@ def _scatter(state: DecodeState, rows, sub: DecodeState) -> DecodeState:
                        state.hidden.at[rows].set(sub.hidden, mode="drop"))
 
 
+def _row_index(rows: np.ndarray, batch: int) -> np.ndarray | None:
+    """The state rows a call gathers (`_gather`): `rows` in a bucketed number of slots, padding
+    slots naming row `batch` (gathered as a copy of the last row, never written back); None when
+    that would not be smaller than the batch (every row then rides along)."""
+    size = bucket(rows.size, 1)
+    if size >= batch:
+        return None
+    index = np.full(size, batch, np.int32)
+    index[:rows.size] = rows
+    return index
+
+
 def append_rows(model: qwen.Decoder, params, state: DecodeState, rows, tokens, num_new,
                 audio=None, audio_token_id: int = -1) -> DecodeState:
     """`append` to rows[i] of the state only (tokens and num_new are per entry of rows): those
@@ -379,9 +391,9 @@ class Sampler:
         for offset, width, rows in prefill_plan(num, self.prefill_block, self.prefill_chunk):
             # The call's rows: gathered into the first slots of a smaller state, unless that
             # would not be smaller (then every row rides along, those without tokens unchanged).
-            size = bucket(rows.size, 1)
-            whole = size >= batch
-            size = batch if whole else size
+            index = _row_index(rows, batch)
+            whole = index is None
+            size = batch if whole else index.size
             slot = rows if whole else np.arange(rows.size)
             chunk = np.zeros(size, np.int32)
             chunk[slot] = np.clip(num[rows] - offset, 0, width)
@@ -405,10 +417,6 @@ class Sampler:
                 state = _append_jit(model, self.params, state, tokens, chunk, audio_rows,
                                     audio_token_id=audio_id)
             else:
-                # Padding slots name row `batch`: gathered as a copy of the last row, never
-                # written back.
-                index = np.full(size, batch, np.int32)
-                index[:rows.size] = rows
                 state = _append_rows_jit(model, self.params, state, index, tokens, chunk,
                                          audio_rows, audio_token_id=audio_id)
         return state
@@ -468,19 +476,16 @@ class Sampler:
         # An <|AUDIO|> the policy wrote would be taken for a placeholder of heard audio.
         banned = -1 if self.audio_token_id is None else self.audio_token_id
         chunk = self.decode_chunk or np.iinfo(np.int32).max
-        done, left = np.zeros(batch, np.int32), max_new.copy()
+        left = max_new.copy()
         outs = [Completion([], [], "length", [] if top_logprobs else None) for _ in range(batch)]
         running = np.arange(batch) if not self.decode_chunk else np.nonzero(left > 0)[0]
         while running.size:
             # The running rows, gathered into a smaller state when that is smaller (as in
             # `append`); the rest ride along with max_new 0, unchanged.
-            size = bucket(running.size, 1)
-            whole = size >= batch or not self.decode_chunk
+            index = _row_index(running, batch) if self.decode_chunk else None
+            whole = index is None
             if whole:
                 index = np.arange(batch)
-            else:   # padding slots name row `batch` (a copy of the last row, never written back)
-                index = np.full(size, batch, np.int32)
-                index[:running.size] = running
             live = np.zeros(batch + 1, bool)
             live[running] = True
             row = np.minimum(index, batch - 1)
@@ -490,7 +495,7 @@ class Sampler:
             model = self._model(int(lengths[running].max()) + steps)
             args = (row_keys if whole else row_keys[row], temperature[row], top_p[row],
                     top_k[row], stops[row], new, logprob_temperature[row], banned,
-                    None if allow is None else allow[row], first_step[row] + done[row])
+                    None if allow is None else allow[row], first_step[row] + (max_new - left)[row])
             if whole:
                 state, *out = _decode_jit(model, self.params, state, *args, steps=steps, **static)
             else:
@@ -507,7 +512,6 @@ class Sampler:
                 if top_logprobs:
                     c.top += [list(zip(top[0][i, t].tolist(), top[1][i, t].tolist()))
                               for t in range(n)]
-                done[b] += n
                 left[b] -= n
                 c.finish_reason = REASONS[int(reasons[i])]
                 if c.finish_reason == "length" and left[b] > 0:   # the chunk ended, not the reply
