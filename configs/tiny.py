@@ -166,9 +166,11 @@ def get_config(arg: str | None = None):
         c.rollout.tasks_per_step = 16
         c.pack.rows = (4, 8, 16, 32, 64)
     if level == 0 and not args.taubench:
-        # Query blocks of 128 on its 1k rows: the demo's update 1.84x faster than the full
-        # square (python -m tarl_jax.bench.attention --rows 64 --seq 1024 --segment 600; README).
-        c.model.attn_chunk = 128
+        # Blocks of 128 queries x 128 keys on its 1k rows, skipping the pairs causality or the
+        # packed segments hide: the demo's update 3.18x faster than the full square, 1.64x than
+        # 128-query groups (python -m tarl_jax.bench.attention --rows 64 --seq 1024
+        # --segment 600 --chunks 128,128s,256s; README).
+        c.model.update(attn_chunk=128, attn_sparse=True)
     if level > 0 or args.taubench:
         # Sized from the expert's own dialogues (limits.py; this world): level 1 (its brief,
         # no schemas) up to 3.4k tokens (mean 1.4k), replies of 120 and 11 steps; level 2 up to

@@ -136,24 +136,42 @@ def matmul_params(cfg: qwen.DecoderConfig) -> tuple[int, int]:
     return cfg.num_layers * per_layer, d * cfg.vocab_size
 
 
-def train_flops(cfg: qwen.DecoderConfig, rows: int, t: int, scored: int) -> tuple[float, float]:
+def train_flops(cfg: qwen.DecoderConfig, rows: int, t: int, scored: int,
+                segment_ids=None) -> tuple[float, float]:
     """(model FLOPs, executed FLOPs) of one update on [rows, t]: 6 x weights x tokens, the
     vocabulary projection at `scored` positions a row, and causal attention (QK and PV over the
-    pairs a query may see, half the square; packed segments see fewer: a bound). Executed counts
-    what the program computes: the whole square without attn_chunk, `qwen.score_fraction` of
-    it with, plus what remat and blocked attention recompute in the backward pass
-    (rematerialised dots count again; elementwise ops are not counted)."""
+    pairs a query may see: half the square, or with the batch's `segment_ids` [rows, t] the pairs
+    inside each packed segment). Executed counts what the program computes: the whole square
+    without attn_chunk, `qwen.score_fraction` of it with, the block pairs `qwen._block_pairs`
+    keeps with attn_sparse; plus what the backward pass recomputes (rematerialised dots count
+    again; flash attention's backward recomputes QK only; elementwise ops are not counted)."""
     body, head = matmul_params(cfg)
-    square = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * t * t * rows   # fwd QK + PV
-    attn = square * qwen.score_fraction(t, cfg.attn_chunk)
-    blocked = attn < square
+    unit = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim      # fwd QK + PV, a (q, k) pair
+    square = unit * t * t * rows
+    need = square / 2 if segment_ids is None else unit * visible_pairs(segment_ids)
+    sparse = cfg.attn_sparse and 0 < cfg.attn_chunk < t and t % cfg.attn_chunk == 0
+    if sparse:
+        seg = np.ones((rows, t), np.int32) if segment_ids is None else np.asarray(segment_ids)
+        attn = square * float(np.asarray(qwen._block_pairs(seg, cfg.attn_chunk)).mean())
+    else:
+        attn = square * qwen.score_fraction(t, cfg.attn_chunk)
     dense = 2 * body * rows * t + 2 * head * rows * scored
-    model = 3 * (dense + square / 2)
+    model = 3 * (dense + need)
     fwd = dense + attn
     executed = 3 * fwd + {"full": fwd}.get(cfg.remat, 0.0)
-    if blocked and cfg.remat != "full":
-        executed += attn        # each block is rematerialised in the backward pass
+    if attn < square and cfg.remat != "full":
+        executed += attn / 2 if sparse else attn   # blocks recomputed in the backward pass
     return model, executed
+
+
+def visible_pairs(segment_ids) -> int:
+    """(query, key) pairs causal attention inside packed segments lets see; padding (segment
+    0) sees nothing."""
+    total = 0
+    for row in np.asarray(segment_ids):
+        n = np.bincount(row[row > 0])
+        total += int((n * (n + 1) // 2).sum())
+    return total
 
 
 def per_chip_bytes(tree) -> int:

@@ -1,6 +1,7 @@
 """launch.compile: a config's programs compiled ahead of time for a TPU topology on this CPU
 machine (libtpu describes the chips). Reported per-chip bytes are checked against the parameter
 count and the mesh; a model too large for its chip is refused with the program and the knobs."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -169,3 +170,32 @@ def test_ppo_scoring_and_warm_start_programs_compile(tmp_path, libtpu):
     names = [p["program"] for p in fit["programs"]]
     assert names == ["rl_step 4x256", "warmstart_step 8x1024", "score 4x256"], names
     assert all(p["fits"] and p["argument_gib"] > 0 for p in fit["programs"])
+
+
+def test_train_flops_counts_attention_inside_packed_segments_and_the_blocks_sparse_keeps():
+    """Model attention FLOPs follow the (query, key) pairs the training mask lets see (packed
+    segments, padding), counted from `qwen.attention_mask` itself; with attn_sparse the executed
+    attention follows the block pairs a brute-force walk over the mask finds non-empty."""
+    rng = np.random.default_rng(0)
+    rows, t, chunk = 3, 64, 8
+    seg = np.zeros((rows, t), np.int32)
+    for r in range(rows):
+        cuts = np.sort(rng.choice(np.arange(1, t - 4), 3, replace=False))
+        seg[r] = np.searchsorted(cuts, np.arange(t), side="right") + 1
+        seg[r, t - 1 - r * 3:] = 0                         # padding at the end of some rows
+    mask = np.asarray(qwen.attention_mask(np.zeros((rows, t), np.int32), seg, t, False))[:, 0, 0]
+    cfg = dataclasses.replace(presets.get("micro"), attn_chunk=chunk, attn_sparse=True)
+    body, head = aot.matmul_params(cfg)
+    dense = (3 * 2 * (body + head) * rows * t,) * 2        # weights' matmuls, model = executed
+    unit = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+    model, executed = aot.train_flops(cfg, rows, t, t, seg)
+    assert aot.visible_pairs(seg) == mask.sum()
+    assert model - dense[0] == 3 * unit * mask.sum()
+    blocks = mask.reshape(rows, t // chunk, chunk, t // chunk, chunk).any((2, 4)).sum()
+    # forward QK + PV over the kept blocks, backward twice that, QK once more (flash backward)
+    assert executed - dense[1] == pytest.approx(3.5 * unit * blocks * chunk * chunk)
+    # without segments: half the square needed; the kept blocks are the causal triangle's
+    model, executed = aot.train_flops(cfg, rows, t, t)
+    n = t // chunk
+    assert model - dense[0] == pytest.approx(3 * unit * rows * t * t / 2)
+    assert executed - dense[1] == pytest.approx(3.5 * unit * rows * n * (n + 1) / 2 * chunk ** 2)

@@ -13,6 +13,12 @@ The update is the warm start's (rl/step.py's step with the SFT loss, adamw) on -
 loss of each is printed (equal: the same update). After a compiling step each, the variants take
 turns, one step each per round, so load from other processes falls on all alike; best wall time
 and best process CPU time a step are reported, and their ratio to the full square.
+
+Then, against this machine (unless --no-limits): each variant's model FLOP/s (`aot.train_flops`:
+6ND, and attention over the pairs the packed segments let see) as a fraction of a 2048^3 matmul's
+(`bench.limits`), and the rates XLA reaches on the model's own matmul shapes (its MLP, its
+vocabulary projection, one block of the sparse attention's products): the ceiling a narrow model
+meets long before the big matmul's.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ import time
 import jax
 import numpy as np
 
-from tarl_jax import sharding
+from tarl_jax import aot, sharding
+from tarl_jax.bench import limits
 from tarl_jax.models import presets, qwen
 from tarl_jax.rl import losses
 from tarl_jax.rl import step as S
@@ -47,19 +54,6 @@ def packed_batch(rows: int, seq: int, segment: int, vocab: int, seed: int = 0) -
                 advantages=mask.astype(np.float32), logprobs=zeros, ref_logprobs=zeros)
 
 
-def sparse_fraction(segment_ids: np.ndarray, chunk: int) -> float:
-    """The share of the rows' full score squares `qwen._sparse_attention` computes: the
-    (query block, key block) pairs at or below the diagonal whose segment ranges overlap."""
-    b, t = segment_ids.shape
-    n = t // chunk
-    blk = segment_ids.reshape(b, n, chunk)
-    lo = np.where(blk > 0, blk, np.iinfo(np.int32).max).min(-1)
-    hi = np.where(blk > 0, blk, -1).max(-1)
-    need = np.tril(np.ones((n, n), bool))[None] & (lo[:, :, None] <= hi[:, None, :]) \
-        & (lo[:, None, :] <= hi[:, :, None])
-    return float(need.sum()) / (b * n * n)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="tiny", help=f"one of {sorted(presets.PRESETS)}")
@@ -69,6 +63,9 @@ def main(argv=None):
                     help="attn_chunk values to compare with 0; a trailing s: with attn_sparse")
     ap.add_argument("--segment", type=int, default=1400, help="mean packed segment length")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-limits", dest="limits", action="store_false",
+                    help="skip measuring this machine's matmul rate (bench.limits) and the "
+                         "fraction of it each update reaches")
     args = ap.parse_args(argv)
     chunks = ["0"] + [c for c in args.chunks.split(",") if c]
     size = lambda c: int(c.rstrip("s"))  # noqa: E731
@@ -103,17 +100,47 @@ def main(argv=None):
             cpus.append(time.process_time() - c0)
             v[2] = state
     full_w, full_c = min(variants["0"][3]), min(variants["0"][4])
-    n_scores = {c: qwen.score_fraction(args.seq, size(c)) for c in chunks}
+    cfgs = {c: dataclasses.replace(base, attn_chunk=size(c), attn_sparse=c.endswith("s"))
+            for c in chunks}
+    square = {c: qwen.score_fraction(args.seq, size(c)) for c in chunks}
     for c in chunks:
         if c.endswith("s"):
-            n_scores[c] = sparse_fraction(batch["segment_ids"], size(c))
+            square[c] = float(np.asarray(qwen._block_pairs(batch["segment_ids"], size(c))).mean())
     print(f"\n{args.shape}, {args.rows} x {args.seq} rows, segments ~{args.segment}: one SFT update")
     print(f"{'attn_chunk':>10s} {'scores':>7s} {'best wall s':>12s} {'best CPU s':>11s} "
           f"{'wall vs full':>13s} {'CPU vs full':>12s}")
     for c, (_, _, _, walls, cpus) in variants.items():
-        print(f"{c:>10s} {n_scores[c]:7.2f} {min(walls):12.3f} {min(cpus):11.3f} "
+        print(f"{c:>10s} {square[c]:7.2f} {min(walls):12.3f} {min(cpus):11.3f} "
               f"{full_w / min(walls):12.2f}x {full_c / min(cpus):11.2f}x")
+    if args.limits:
+        limits_table(args, base, batch, cfgs, {c: min(v[3]) for c, v in variants.items()})
 
+
+def limits_table(args, cfg, batch, cfgs, best) -> None:
+    """Each update's model FLOP/s (attention counted inside the packed segments) as a fraction
+    of the 2048^3 matmul rate, beside the rates of the model's own matmul shapes."""
+    lim = limits.measure()
+    n = args.rows * args.seq
+    chunk = min((v.attn_chunk for v in cfgs.values() if v.attn_chunk), default=args.seq)
+    g = cfg.num_heads // cfg.num_kv_heads
+    widths = {f"[{n}, {cfg.hidden_size}] x [{cfg.hidden_size}, {cfg.intermediate_size}] (MLP)":
+              (n, cfg.hidden_size, cfg.intermediate_size),
+              f"[{n}, {cfg.hidden_size}] x [{cfg.hidden_size}, {cfg.vocab_size}] (vocabulary)":
+              (n, cfg.hidden_size, cfg.vocab_size),
+              f"{args.rows * cfg.num_kv_heads} x [{g * chunk}, {cfg.head_dim}] x "
+              f"[{cfg.head_dim}, {chunk}] (an attention block)":
+              (args.rows * cfg.num_kv_heads, g * chunk, cfg.head_dim, chunk)}
+    print(f"\n## Against this machine's limits ({lim.line()})")
+    print("float32 matmuls at the model's own widths: " + "; ".join(
+        f"{name} {limits.shape_rate(shape) / 1e9:.1f} GFLOP/s" for name, shape in widths.items()))
+    print("\n| attn_chunk | model GFLOP (6ND + attention in segments) | executed GFLOP | best s "
+          "| model GFLOP/s | of the float32 matmul rate |")
+    print("|---|---|---|---|---|---|")
+    for c, variant in cfgs.items():
+        model, executed = aot.train_flops(variant, args.rows, args.seq, args.seq,
+                                          batch["segment_ids"])
+        print(f"| {c} | {model / 1e9:.3g} | {executed / 1e9:.3g} | {best[c]:.3f} | "
+              f"{model / best[c] / 1e9:.3g} | {model / best[c] / lim.matmul_f32:.1%} |", flush=True)
 
 if __name__ == "__main__":
     main()

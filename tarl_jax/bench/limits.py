@@ -3,9 +3,9 @@ array's streaming bandwidth, measured in the same process as the benchmark that 
 
     python -m tarl_jax.bench.limits [--n 2048] [--mb 256] [--repeats 5]
 
-`bench.train_step` and `bench.sampler` call `measure()` in their own run and report model FLOP/s
-(train: `aot.train_flops`, checked against XLA's `cost_analysis`) as a fraction of the matmul
-rate, and decode's bytes read a step (weights + the KV window the step reads) x steps/s as a
+`bench.train_step`, `bench.attention` and `bench.sampler` call `measure()` in their own run and
+report model FLOP/s (train: `aot.train_flops`, checked against XLA's `cost_analysis`) as a
+fraction of the matmul rate (`shape_rate`: the same at a model's own narrower shapes), and decode's bytes read a step (weights + the KV window the step reads) x steps/s as a
 fraction of the bandwidth (a model whose weights fit the CPU's caches can exceed it: tiny's
 1 MB). Best of --repeats after a compiling call: on a shared machine the best time is the one
 least disturbed by other processes.
@@ -38,11 +38,19 @@ class Limits:
 
 
 def matmul_rate(n: int, dtype, repeats: int) -> float:
+    return shape_rate((n, n, n), dtype, repeats)
+
+
+def shape_rate(shape: tuple, dtype=jnp.float32, repeats: int = 5) -> float:
+    """FLOP/s of a jitted [..., m, k] x [..., k, n] matmul, shape = (..., m, k, n): what a
+    model's own widths let XLA reach (narrow products cannot fill the cores as 2048^3 does)."""
+    *batch, m, k, n = shape
     k1, k2 = jax.random.split(jax.random.key(0))
-    a, b = (jax.random.normal(k, (n, n), dtype) for k in (k1, k2))
+    a = jax.random.normal(k1, (*batch, m, k), dtype)
+    b = jax.random.normal(k2, (*batch, k, n), dtype)
     f = jax.jit(jnp.matmul)
     _, t, _ = best_time(lambda: f(a, b).block_until_ready(), repeats)
-    return 2 * n ** 3 / t
+    return 2 * float(np.prod(shape)) / t
 
 
 def bandwidth(mb: int, repeats: int) -> float:
