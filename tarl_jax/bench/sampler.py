@@ -17,12 +17,13 @@ Episode: a --system token prompt, then --turns times: decode --reply tokens, app
 "re-encode" starts a fresh cache from the whole history every turn (what a stateless
 OpenAI-style server does). Both use the same Sampler, cache size and greedy tokens.
 
-Rollout round (--rollout_rows, 0 skips it): rows of ~--rollout_context tokens in a 2048-slot
-cache, one 96-token turn appended and 128 tokens decoded: level 1's rollouts, seconds to append
-and milliseconds a decode step; then a ragged turn (a few long tool results beside short user
-turns) appended as one padded block vs rows advanced together (`sampler.prefill_plan`), and
-ragged replies (every 8th row 128 tokens, the rest 8-40) decoded in one call vs 64 steps a call
-with the rows still writing (`Sampler(decode_chunk=64)`).
+Rollout round (--rollout_rows, 0 skips it, as --gguf does by default): rows of
+~--rollout_context tokens in a 2048-slot cache, one 96-token turn appended and 128 tokens
+decoded: level 1's rollouts, seconds to append and milliseconds a decode step; then a ragged
+turn (a few long tool results beside short user turns) appended as one padded block vs rows
+advanced together (`sampler.prefill_plan`), and ragged replies (every 8th row 128 tokens, the
+rest 8-40) decoded in one call vs 64 steps a call with the rows still writing
+(`Sampler(decode_chunk=64)`).
 
 Long cache: the same episode in a --long_cache slot cache (rollout configs size the cache for the
 longest dialogue: 8k for tiny_speech and tau-bench), with the sampler's power-of-two kv window
@@ -93,12 +94,16 @@ def main(argv=None):
     ap.add_argument("--episode_batch", type=int, default=4)
     ap.add_argument("--long_cache", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--rollout_rows", type=int, default=64,
-                    help="a rollout-shaped round (0: skip): rows, each ~--rollout_context tokens")
+    ap.add_argument("--rollout_rows", type=int, default=None,
+                    help="a rollout-shaped round (0: skip): rows, each ~--rollout_context tokens "
+                         "(default 64; 0 with --gguf: the rounds are the tiny model's level-1 "
+                         "rollouts, and SmolLM2's took over 15 minutes)")
     ap.add_argument("--rollout_context", type=int, default=900)
     ap.add_argument("--no-limits", dest="limits", action="store_false",
                     help="skip measuring this machine's memory bandwidth (bench.limits)")
     args = ap.parse_args(argv)
+    if args.rollout_rows is None:
+        args.rollout_rows = 0 if args.gguf else 64
 
     if args.gguf:
         path = hf.smollm2_gguf_path() if args.gguf == "smollm2" else args.gguf
