@@ -25,8 +25,10 @@ def test_variants_agree_and_the_limits_table_uses_the_batch_segments(monkeypatch
                                   attn_sparse=c.endswith("s"))
         model, executed = B.aot.train_flops(cfg, 2, 64, 64, batch["segment_ids"])
         assert row[1] == f"{model / 1e9:.3g}" and row[2] == f"{executed / 1e9:.3g}"
-        # GFLOP/s = model / best s; the fraction divides it by the 1 GFLOP/s machine above
-        assert abs(float(row[4]) - model / float(row[3]) / 1e9) <= 0.07 * float(row[4])
+        # GFLOP/s = model / best s (printed to the millisecond, so within the rounding's span);
+        # the fraction divides it by the 1 GFLOP/s machine above
+        best, rate = float(row[3]), float(row[4])
+        assert model / (best + 5e-4) / 1e9 * 0.995 <= rate <= model / (best - 5e-4) / 1e9 * 1.005
         assert abs(float(row[5]) - 100 * float(row[4])) <= 0.005 * float(row[5])
     # the sparse variant computes fewer scores than the grouped one on short segments
     shares = dict(re.findall(r"^\s+(0|16s?)\s+([\d.]+)\s", out, re.M))
