@@ -142,5 +142,6 @@ def limits_table(args, cfg, batch, cfgs, best) -> None:
         print(f"| {c} | {model / 1e9:.3g} | {executed / 1e9:.3g} | {best[c]:.3f} | "
               f"{model / best[c] / 1e9:.3g} | {model / best[c] / lim.matmul_f32:.1%} |", flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -5,10 +5,11 @@ array's streaming bandwidth, measured in the same process as the benchmark that 
 
 `bench.train_step`, `bench.attention` and `bench.sampler` call `measure()` in their own run and
 report model FLOP/s (train: `aot.train_flops`, checked against XLA's `cost_analysis`) as a
-fraction of the matmul rate (`shape_rate`: the same at a model's own narrower shapes), and decode's bytes read a step (weights + the KV window the step reads) x steps/s as a
-fraction of the bandwidth (a model whose weights fit the CPU's caches can exceed it: tiny's
-1 MB). Best of --repeats after a compiling call: on a shared machine the best time is the one
-least disturbed by other processes.
+fraction of the matmul rate (`shape_rate`: the same at a model's own narrower shapes), and
+decode's bytes read a step (weights + the KV window the step reads) x steps/s as a fraction of
+the bandwidth (a model whose weights fit the CPU's caches can exceed it: tiny's 1 MB). Best of
+--repeats after a compiling call: on a shared machine the best time is the one least disturbed
+by other processes.
 """
 from __future__ import annotations
 
