@@ -149,12 +149,8 @@ def train_flops(cfg: qwen.DecoderConfig, rows: int, t: int, scored: int,
     unit = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim      # fwd QK + PV, a (q, k) pair
     square = unit * t * t * rows
     need = square / 2 if segment_ids is None else unit * visible_pairs(segment_ids)
-    sparse = cfg.attn_sparse and 0 < cfg.attn_chunk < t and t % cfg.attn_chunk == 0
-    if sparse:
-        seg = np.ones((rows, t), np.int32) if segment_ids is None else np.asarray(segment_ids)
-        attn = square * float(np.asarray(qwen._block_pairs(seg, cfg.attn_chunk)).mean())
-    else:
-        attn = square * qwen.score_fraction(t, cfg.attn_chunk)
+    attn = square * score_share(cfg, rows, t, segment_ids)
+    sparse = _is_sparse(cfg, t)
     dense = 2 * body * rows * t + 2 * head * rows * scored
     model = 3 * (dense + need)
     fwd = dense + attn
@@ -162,6 +158,20 @@ def train_flops(cfg: qwen.DecoderConfig, rows: int, t: int, scored: int,
     if attn < square and cfg.remat != "full":
         executed += attn / 2 if sparse else attn   # blocks recomputed in the backward pass
     return model, executed
+
+
+def _is_sparse(cfg: qwen.DecoderConfig, t: int) -> bool:
+    return cfg.attn_sparse and 0 < cfg.attn_chunk < t and t % cfg.attn_chunk == 0
+
+
+def score_share(cfg: qwen.DecoderConfig, rows: int, t: int, segment_ids=None) -> float:
+    """The share of the rows' [t, t] score squares the training attention computes: the block
+    pairs `qwen._block_pairs` keeps with attn_sparse (segment_ids None: one segment a row),
+    else `qwen.score_fraction`."""
+    if not _is_sparse(cfg, t):
+        return qwen.score_fraction(t, cfg.attn_chunk)
+    seg = np.ones((rows, t), np.int32) if segment_ids is None else np.asarray(segment_ids)
+    return float(np.asarray(qwen._block_pairs(seg, cfg.attn_chunk)).mean())
 
 
 def visible_pairs(segment_ids) -> int:

@@ -79,9 +79,10 @@ def main(argv=None):
     step_cfg = S.StepConfig(loss=losses.LossConfig(policy_loss="pg", agg="token_mean"))
     opt = S.make_optimizer(1e-3)
     keys = S.BATCH_KEYS
+    cfgs = {c: dataclasses.replace(base, attn_chunk=size(c), attn_sparse=c.endswith("s"))
+            for c in chunks}
     variants = {}
-    for c in chunks:
-        cfg = dataclasses.replace(base, attn_chunk=size(c), attn_sparse=c.endswith("s"))
+    for c, cfg in cfgs.items():
         sh = S.state_shardings(cfg, opt, False, mesh)
         fn = S.jit_train_step(cfg, step_cfg, opt, mesh, sh, keys)
         db = S.device_batch(batch, keys, mesh)
@@ -100,12 +101,8 @@ def main(argv=None):
             cpus.append(time.process_time() - c0)
             v[2] = state
     full_w, full_c = min(variants["0"][3]), min(variants["0"][4])
-    cfgs = {c: dataclasses.replace(base, attn_chunk=size(c), attn_sparse=c.endswith("s"))
-            for c in chunks}
-    square = {c: qwen.score_fraction(args.seq, size(c)) for c in chunks}
-    for c in chunks:
-        if c.endswith("s"):
-            square[c] = float(np.asarray(qwen._block_pairs(batch["segment_ids"], size(c))).mean())
+    square = {c: aot.score_share(v, args.rows, args.seq, batch["segment_ids"])
+              for c, v in cfgs.items()}
     print(f"\n{args.shape}, {args.rows} x {args.seq} rows, segments ~{args.segment}: one SFT update")
     print(f"{'attn_chunk':>10s} {'scores':>7s} {'best wall s':>12s} {'best CPU s':>11s} "
           f"{'wall vs full':>13s} {'CPU vs full':>12s}")
