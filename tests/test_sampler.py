@@ -251,6 +251,21 @@ def test_seeded_sampling_is_reproducible(tiny):
     assert run(7) != run(8)
 
 
+def test_argmax_is_numpys_first_index_of_the_maximum():
+    """sampler.argmax (a max and a min, which XLA:CPU vectorises) names the index np.argmax does:
+    on ties the first, rows all -inf, a maximum in the first or last column."""
+    rng = np.random.default_rng(0)
+    ties = rng.integers(0, 4, (64, 300)).astype(np.float32)      # every row ties at its max
+    ties[0], ties[1] = -np.inf, 0.0
+    ties[1, -1] = ties[2, 0] = 9.0
+    banned = rng.standard_normal((8, 2048)).astype(np.float32)
+    banned[:, ::3] = -np.inf
+    for x in (rng.standard_normal((64, 2048)).astype(np.float32), ties, banned):
+        got = np.asarray(jax.jit(sampler_lib.argmax)(x))
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+
+
 def test_sample_logits_matches_softmax_distribution():
     """Empirical frequencies vs softmax(logits / T), renormalised over the top-k / top-p set."""
     logits = jnp.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
