@@ -36,7 +36,10 @@ def test_chunked_logprobs_equal_full(chunk, vocab_axis):
     np.testing.assert_allclose(ent, want_ent, atol=1e-5)
 
 
-def test_chunked_logprobs_gradient_equals_full():
+@pytest.mark.parametrize("vocab_axis", [1, 0])   # [D, V] weight; [V, D] (a tied embedding)
+def test_chunked_logprobs_gradient_equals_full(vocab_axis):
+    """Autodiff of the whole [B, T, V] log-softmax against the chunked scan with its own
+    projection backward (losses._project)."""
     hidden, w, targets = inputs(1)
     coef = np.random.default_rng(9).normal(size=(2, B, T)).astype(np.float32)
 
@@ -46,7 +49,8 @@ def test_chunked_logprobs_gradient_equals_full():
             return jnp.sum(coef[0] * logp + coef[1] * ent)
         return jax.jit(jax.grad(f, argnums=(0, 1)))
 
-    got = objective(lambda h, w: L.chunked_logprobs(h, w, targets, 16))(hidden, w)
+    got = objective(lambda h, w: L.chunked_logprobs(h, w if vocab_axis else w.T, targets, 16,
+                                                    vocab_axis))(hidden, w)
     want = objective(lambda h, w: full_logprobs(h, w, targets))(hidden, w)
     for g, r in zip(got, want):
         assert np.all(np.isfinite(g))

@@ -161,6 +161,32 @@ def value_loss(values, old_values, returns, mask, cfg: LossConfig, segment_ids=N
     return loss, {"vf_loss": loss, "vf_clip_frac": token_mean(_f32(clipped > unclipped), mask)}
 
 
+@jax.custom_vjp
+def _project(h, w):
+    """float32 logits h [B, T, D] @ w [D, C]. Its own backward only to fix where the weight
+    gradient is formed: autodiff's d_w = h^T g met the transpose of a tied embedding (w =
+    embedding.T), and XLA folded the two into g^T h, copying the whole [B, T, C] logits
+    gradient into [C, B*T] for it (9% of the demo's update). Here d_w is made as [D, C]
+    behind a barrier, and only that parameter-sized block is transposed: the update 1.2-1.3x
+    faster on CPU, the same gradient up to float32 rounding."""
+    return jnp.einsum("btd,dc->btc", h, w, preferred_element_type=jnp.float32)
+
+
+def _project_fwd(h, w):
+    return _project(h, w), (h, w)
+
+
+def _project_bwd(res, g):
+    h, w = res
+    dh = jnp.einsum("btc,dc->btd", g, w, preferred_element_type=jnp.float32)
+    dw = jax.lax.optimization_barrier(
+        jnp.einsum("btd,btc->dc", h, g, preferred_element_type=jnp.float32))
+    return dh.astype(h.dtype), dw.astype(w.dtype)
+
+
+_project.defvjp(_project_fwd, _project_bwd)
+
+
 def chunked_logprobs(hidden, weight, targets, chunk_size: int, vocab_axis: int = 1,
                      temperature: float = 1.0):
     """log p(targets) and the entropy of softmax(hidden @ W / temperature), never forming
@@ -186,8 +212,7 @@ def chunked_logprobs(hidden, weight, targets, chunk_size: int, vocab_axis: int =
         nominal = i * c
         start = jnp.minimum(nominal, v - c)
         w_c = jax.lax.dynamic_slice_in_dim(w, start, c, axis=1)
-        logits = jnp.einsum("btd,dc->btc", hidden, w_c.astype(hidden.dtype),
-                            preferred_element_type=jnp.float32) / temperature
+        logits = _project(hidden, w_c.astype(hidden.dtype)) / temperature
         fresh = start + jnp.arange(c) >= nominal     # columns no earlier chunk has counted
         # Repeated columns: 0 where multiplied (0 * -inf would poison the backward pass),
         # -inf where exponentiated.
