@@ -23,7 +23,9 @@ def test_variants_agree_and_the_limits_table_uses_the_batch_segments(monkeypatch
         assert row, (c, out)
         cfg = dataclasses.replace(presets.get("micro"), attn_chunk=int(c.rstrip("s")),
                                   attn_sparse=c.endswith("s"))
-        model, executed = B.aot.train_flops(cfg, 2, 64, 64, batch["segment_ids"])
+        scored = batch["policy_index"].shape[1]           # the loss mask's positions, bucketed
+        assert 0 < scored < 64
+        model, executed = B.aot.train_flops(cfg, 2, 64, scored, batch["segment_ids"])
         assert row[1] == f"{model / 1e9:.3g}" and row[2] == f"{executed / 1e9:.3g}"
         # GFLOP/s = model / best s (printed to the millisecond, so within the rounding's span);
         # the fraction divides it by the 1 GFLOP/s machine above

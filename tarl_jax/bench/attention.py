@@ -9,7 +9,8 @@ in one jitted SFT update.
 The update is the warm start's (rl/step.py's step with the SFT loss, adamw) on --rows rows of
 --seq tokens, each packed with segments of about --segment tokens (uniform in [segment/2,
 3 segment/2], the last one cut to fit): the shape of level 1's warm start (8 dialogues of mean
-1.4k tokens in 4 x 4096 rows). Every variant gets the same batch and weights; the first step's
+1.4k tokens in 4 x 4096 rows). A random 30% of the positions are the loss mask's, and as in the
+trainer's batches (`pack.policy_index`) only those go through the vocabulary projection. Every variant gets the same batch and weights; the first step's
 loss of each is printed (equal: the same update). After a compiling step each, the variants take
 turns, one step each per round, so load from other processes falls on all alike; best wall time
 and best process CPU time a step are reported, and their ratio to the full square.
@@ -32,7 +33,7 @@ import numpy as np
 from tarl_jax import aot, sharding
 from tarl_jax.bench import limits
 from tarl_jax.models import presets, qwen
-from tarl_jax.rl import losses
+from tarl_jax.rl import losses, pack
 from tarl_jax.rl import step as S
 
 
@@ -51,7 +52,8 @@ def packed_batch(rows: int, seq: int, segment: int, vocab: int, seed: int = 0) -
     mask = ~last & (rng.random((rows, seq)) < 0.3)         # the replies: a third of a dialogue
     zeros = np.zeros((rows, seq), np.float32)
     return dict(tokens=tokens, positions=pos, segment_ids=seg, targets=targets, loss_mask=mask,
-                advantages=mask.astype(np.float32), logprobs=zeros, ref_logprobs=zeros)
+                advantages=mask.astype(np.float32), logprobs=zeros, ref_logprobs=zeros,
+                policy_index=pack.policy_index(mask))
 
 
 def main(argv=None):
@@ -78,7 +80,7 @@ def main(argv=None):
     batch = packed_batch(args.rows, args.seq, args.segment, base.vocab_size)
     step_cfg = S.StepConfig(loss=losses.LossConfig(policy_loss="pg", agg="token_mean"))
     opt = S.make_optimizer(1e-3)
-    keys = S.BATCH_KEYS
+    keys = S.BATCH_KEYS + S.GATHER_KEYS
     cfgs = {c: dataclasses.replace(base, attn_chunk=size(c), attn_sparse=c.endswith("s"))
             for c in chunks}
     variants = {}
@@ -134,8 +136,8 @@ def limits_table(args, cfg, batch, cfgs, best) -> None:
           "| model GFLOP/s | of the float32 matmul rate |")
     print("|---|---|---|---|---|---|")
     for c, variant in cfgs.items():
-        model, executed = aot.train_flops(variant, args.rows, args.seq, args.seq,
-                                          batch["segment_ids"])
+        model, executed = aot.train_flops(variant, args.rows, args.seq,
+                                          batch["policy_index"].shape[1], batch["segment_ids"])
         print(f"| {c} | {model / 1e9:.3g} | {executed / 1e9:.3g} | {best[c]:.3f} | "
               f"{model / best[c] / 1e9:.3g} | {model / best[c] / lim.matmul_f32:.1%} |", flush=True)
 
