@@ -407,7 +407,11 @@ class Trainer:
             for step in metrics_lib.progress(range(start, c.total_steps), "rl", initial=start,
                                              total=c.total_steps):
                 if step + 1 == c.get("profile_step", 0):
-                    with jax.profiler.trace(str(self.workdir / "profile")):
+                    # Without Python's own calls: they were 70% of a demo step's events, and a
+                    # trace keeps 1M, so the update fell off its end.
+                    opts = jax.profiler.ProfileOptions()
+                    opts.python_tracer_level = 0
+                    with jax.profiler.trace(str(self.workdir / "profile"), profiler_options=opts):
                         state, metrics = self.rl_step(state, step)
                     log.info("profile of step %d in %s", step + 1, self.workdir / "profile")
                 else:

@@ -19,7 +19,11 @@ import collections
 import gzip
 import json
 import pathlib
+import logging
 from typing import NamedTuple
+
+log = logging.getLogger(__name__)
+EVENT_CAP = 1_000_000   # a jax.profiler trace keeps at most this many events
 
 
 class OpTime(NamedTuple):
@@ -42,6 +46,10 @@ def op_times(path) -> list[OpTime]:
     the most expensive first."""
     with gzip.open(path, "rt") as f:
         events = json.load(f)["traceEvents"]
+    if len(events) >= EVENT_CAP:
+        log.warning("%s holds %d events, the profiler's cap: what ran after them is missing "
+                    "(trace fewer steps, or without Python's calls: python_tracer_level=0)",
+                    path, len(events))
     ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
     ops.sort(key=lambda e: (e["pid"], e["tid"], e["ts"], -e["dur"]))
     self_us = collections.defaultdict(float)
