@@ -42,6 +42,7 @@ Finish reasons: "stop" (a stop token was sampled), "length" (max_new_tokens reac
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -358,13 +359,17 @@ class Sampler:
         sh = self.shardings()
         self.params = params if sh is None else jax.device_put(params, sh[0])
 
+    @functools.cached_property
+    def _make_state(self):
+        # One jitted maker per sampler: its mesh and rules are fixed, so its shardings are too.
+        sh = self.shardings()
+        return _init_state_jit if sh is None else jax.jit(
+            init_state, static_argnums=(0, 1, 2, 3), out_shardings=sh[1])
+
     def empty_state(self, batch: int) -> DecodeState:
         """`batch` empty rows of cache, made where they live on the sampler's mesh (not on one
         device first), in one compiled call (eager zeros: 0.2 ms of host time, 7x more)."""
-        sh = self.shardings()
-        make = _init_state_jit if sh is None else jax.jit(init_state, static_argnums=(0, 1, 2, 3),
-                                                          out_shardings=sh[1])
-        return make(self.cfg, batch, self.cache_len, self.cache_dtype)
+        return self._make_state(self.cfg, batch, self.cache_len, self.cache_dtype)
 
     def _model(self, end: int) -> qwen.Decoder:
         """The decoder for a call whose rows all end before position `end`: it attends to the

@@ -1,7 +1,4 @@
 """bench.trace: a jax.profiler trace's XLA ops, each op's self time summed over its calls."""
-import gzip
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +23,7 @@ def test_op_table_counts_calls_and_takes_loop_bodies_out_of_the_loop(tmp_path, c
     body = [op for op, r in rows.items() if r.calls == 21]        # 7 iterations x 3 calls
     assert len(loops) == 1 and rows[loops[0]].calls == 3 and body, rows
     # The loop's own time is its events' whole duration less its body's ops.
-    events = [e for e in json.load(gzip.open(path))["traceEvents"]
+    events = [e for e in trace.trace_events(path)
               if e.get("ph") == "X" and e.get("args", {}).get("hlo_op") == loops[0]]
     inclusive = sum(e["dur"] for e in events)
     body_time = sum(rows[op].self_us for op in body)

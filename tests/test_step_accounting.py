@@ -2,12 +2,11 @@
 backend-compile event; a step repeating work already done compiles nothing: no retrace from a
 fresh sampler, pack or jitted closure per step), where its time goes, a profile on request."""
 import collections
-import gzip
-import json
 
 import jax
 
 from tarl_jax import configlib, metrics, trainer
+from tarl_jax.bench import trace as trace_lib
 
 
 def test_a_repeated_rl_step_compiles_nothing_and_the_step_reports_its_compiles(tmp_path):
@@ -58,11 +57,9 @@ def test_profile_step_writes_a_trace_of_that_step(tmp_path):
     [trace] = (tmp_path / "profile").rglob("*.xplane.pb")
     assert trace.stat().st_size > 0
     # The step's programs are in it, and no Python calls crowd them out (bench.trace reads it).
-    from tarl_jax.bench import trace as trace_lib
     path = trace_lib.newest_trace(tmp_path / "profile")
     assert {r.module for r in trace_lib.op_times(path)} >= {"jit_decode", "jit_append"}
-    with gzip.open(path, "rt") as f:
-        names = [e.get("name", "") for e in json.load(f)["traceEvents"]]
+    names = [e.get("name", "") for e in trace_lib.trace_events(path)]
     assert not [n for n in names if n.startswith("$")], "Python's calls were traced"
 
 

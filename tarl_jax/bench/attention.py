@@ -10,10 +10,11 @@ The update is the warm start's (rl/step.py's step with the SFT loss, adamw) on -
 --seq tokens, each packed with segments of about --segment tokens (uniform in [segment/2,
 3 segment/2], the last one cut to fit): the shape of level 1's warm start (8 dialogues of mean
 1.4k tokens in 4 x 4096 rows). A random 30% of the positions are the loss mask's, and as in the
-trainer's batches (`pack.policy_index`) only those go through the vocabulary projection. Every variant gets the same batch and weights; the first step's
-loss of each is printed (equal: the same update). After a compiling step each, the variants take
-turns, one step each per round, so load from other processes falls on all alike; best wall time
-and best process CPU time a step are reported, and their ratio to the full square.
+trainer's batches (`pack.policy_index`) only those go through the vocabulary projection. Every
+variant gets the same batch and weights; the first step's loss of each is printed (equal: the
+same update). After a compiling step each, the variants take turns, one step each per round, so
+load from other processes falls on all alike; best wall time and best process CPU time a step
+are reported, and their ratio to the full square.
 
 Then, against this machine (unless --no-limits): each variant's model FLOP/s (`aot.train_flops`:
 6ND, and attention over the pairs the packed segments let see) as a fraction of a 2048^3 matmul's

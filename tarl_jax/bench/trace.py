@@ -18,8 +18,8 @@ import argparse
 import collections
 import gzip
 import json
-import pathlib
 import logging
+import pathlib
 from typing import NamedTuple
 
 log = logging.getLogger(__name__)
@@ -41,16 +41,21 @@ def newest_trace(directory) -> pathlib.Path:
     return found[-1]
 
 
-def op_times(path) -> list[OpTime]:
-    """Every XLA op of the trace (events naming an hlo_op) with its calls and self time,
-    the most expensive first."""
+def trace_events(path) -> list[dict]:
+    """The trace's events (Chrome trace format), with a warning when they sit at the cap."""
     with gzip.open(path, "rt") as f:
         events = json.load(f)["traceEvents"]
     if len(events) >= EVENT_CAP:
         log.warning("%s holds %d events, the profiler's cap: what ran after them is missing "
                     "(trace fewer steps, or without Python's calls: python_tracer_level=0)",
                     path, len(events))
-    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    return events
+
+
+def op_times(path) -> list[OpTime]:
+    """Every XLA op of the trace (events naming an hlo_op) with its calls and self time,
+    the most expensive first."""
+    ops = [e for e in trace_events(path) if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
     ops.sort(key=lambda e: (e["pid"], e["tid"], e["ts"], -e["dur"]))
     self_us = collections.defaultdict(float)
     calls = collections.Counter()
